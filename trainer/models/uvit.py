@@ -1,0 +1,225 @@
+"""U-ViT (Bao et al., "All are Worth Words: A ViT Backbone for Diffusion Models", CVPR 2023) with token dropping
+for masked score matching (MaskDM, Lei et al. 2023).
+
+    x_t (B, C, H, W) -> patchify -> [gather visible] -> Linear embed + pos -> [time token ; tokens]
+      -> in-blocks (keep each output) -> mid-blocks -> out-blocks (each concatenates its mirrored in-block's
+         output and projects 2D -> D: the long skips) -> LayerNorm -> Linear to patch pixels
+      -> full image (visible=None) or per-token predictions for the visible patches only.
+
+Conventions (DESIGN.md): the diffusion step t enters as a token (sinusoidal embedding of the integer step, no
+MLP by default); a learnable positional embedding covers [time, patches]; pre-norm blocks; no conv head. Masked
+tokens are DROPPED before the first block: only the S visible tokens (+ the time token) pass through the network,
+so a 90% mask costs ~1/10 of the FLOPs. Attention is PyTorch `scaled_dot_product_attention` (memory-efficient
+kernel on V100 fp16 with head dim % 8 == 0, flash on newer GPUs). The timestep embedding and LayerNorm statistics
+are computed in fp32 even when the module is stored in fp16 (DeepSpeed's classic fp16 mode).
+
+Parameter counts of the presets at the paper's settings (tested exactly in tests/test_uvit.py):
+    S  512 dim,  8 heads, 6+1+6 blocks,  64x64x3    patch 4:  44,292,144  (~44.3M)
+    B  768 dim, 12 heads, 6+1+6 blocks,  256x256x3  patch 4: 102,417,456 (~102.4M)
+    L 1024 dim, 16 heads, 8+1+8 blocks, 12x128x128 patch 4: 232,349,888 (~233M; q and v biases, no k bias, as the
+      reference. The reference tokenises cA and the detail bands as two token sets, 2048 tokens and 233.4M params;
+      here the 12 DWT bands form one 4x4x12 patch per token: 1024 tokens, half the attention cost.)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from trainer.masking import gather_tokens, patchify, unpatchify
+
+__all__ = ["UViTConfig", "UViT", "timestep_embedding", "flops_per_image"]
+
+
+@dataclass(frozen=True)
+class UViTConfig:
+    in_channels: int                 # 3 (pixel mode) or 12 (DWT mode)
+    image_size: int                  # side of the (square) model input: 64 pixel, 128 for 256 px in DWT mode
+    patch_size: int = 4
+    dim: int = 512
+    heads: int = 8
+    depth: tuple[int, int, int] = (6, 1, 6)  # (in, mid, out) block counts; in == out (one long skip each)
+    mlp_ratio: float = 4.0
+    qv_bias: bool = False            # learnable q and v biases in attention (k has none), as the reference's L
+    mlp_time_embed: bool = False     # Linear-SiLU-Linear on the sinusoidal time embedding (U-ViT option, off)
+    grad_checkpoint: bool = False    # activation checkpointing per block (training only)
+
+    def __post_init__(self):
+        object.__setattr__(self, "depth", tuple(int(d) for d in self.depth))
+        n_in, n_mid, n_out = self.depth
+        if n_in != n_out or n_in < 0 or n_mid < 0:
+            raise ValueError(f"depth (in, mid, out) = {self.depth}: need in == out >= 0 (each out-block takes the "
+                             f"long skip of its mirrored in-block)")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.in_channels
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- embedders -------------------------------------------------------------------------------------------------
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer steps t (B,) -> (B, dim) in fp32: [cos(t f_k), sin(t f_k)],
+    f_k = max_period^(-k / (dim/2)) (the DDPM/ADM embedding as the reference uses it)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm whose statistics are computed in fp32 whatever the parameter/activation dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+# --- blocks ----------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        bias = None
+        if self.q_bias is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, bias)  # (B, L, 3D)
+        q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each (B, heads, L, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with `skip=True` it first merges a long skip: Linear(cat[x, skip]) (2D -> D)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, qv_bias: bool, skip: bool = False):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = LayerNorm32(dim)
+        self.attn = Attention(dim, heads, qv_bias)
+        self.norm2 = LayerNorm32(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+# --- model -----------------------------------------------------------------------------------------------------
+
+class UViT(nn.Module):
+    def __init__(self, cfg: UViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        n_in, n_mid, n_out = cfg.depth
+        self.patch_embed = nn.Linear(cfg.patch_dim, D)  # == Conv2d(C, D, p, stride=p) on patchified input
+        self.time_embed = (nn.Sequential(nn.Linear(D, 4 * D), nn.SiLU(), nn.Linear(4 * D, D))
+                           if cfg.mlp_time_embed else nn.Identity())
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_tokens, D))  # [time, patches]
+        blk = lambda skip=False: Block(D, cfg.heads, cfg.mlp_ratio, cfg.qv_bias, skip)  # noqa: E731
+        self.in_blocks = nn.ModuleList(blk() for _ in range(n_in))
+        self.mid_blocks = nn.ModuleList(blk() for _ in range(n_mid))
+        self.out_blocks = nn.ModuleList(blk(skip=True) for _ in range(n_out))
+        self.norm = LayerNorm32(D)
+        self.head = nn.Linear(D, cfg.patch_dim)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+    def _run(self, block: Block, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cfg.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, skip, use_reentrant=False)
+        return block(x, skip)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) noisy input x_t; t: (B,) integer steps (or a scalar); visible: (B, S) sorted token
+        indices or None. Returns eps predictions: (B, S, p*p*C) patch tokens if `visible` is given (layout of
+        `trainer.masking.patchify`), else the full image (B, C, H, W)."""
+        cfg = self.cfg
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+        tokens = patchify(x, cfg.patch_size)  # (B, N, P)
+        pos = self.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
+        if visible is not None:
+            tokens = gather_tokens(tokens, visible)  # (B, S, P)
+            pos = gather_tokens(pos, visible)  # (B, S, D)
+        h = self.patch_embed(tokens) + pos  # (B, S, D)
+        time = self.time_embed(timestep_embedding(t, cfg.dim).to(h.dtype)).unsqueeze(1)  # (B, 1, D)
+        h = torch.cat([time + self.pos_embed[:, :1], h], dim=1)  # (B, 1+S, D)
+
+        skips = []
+        for block in self.in_blocks:
+            h = self._run(block, h)
+            skips.append(h)
+        for block in self.mid_blocks:
+            h = self._run(block, h)
+        for block in self.out_blocks:
+            h = self._run(block, h, skips.pop())
+
+        out = self.head(self.norm(h[:, 1:]))  # (B, S, P): drop the time token
+        if visible is None:
+            return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.grid)  # (B, C, H, W)
+        return out
+
+
+def flops_per_image(cfg: UViTConfig, n_visible: int | None = None) -> int:
+    """Forward FLOPs (2 per multiply-add; matmuls and attention only, as is customary) for one image with
+    `n_visible` tokens kept (all tokens when None). Checked against torch's FlopCounterMode in the tests."""
+    S = cfg.num_tokens if n_visible is None else n_visible
+    L, D, P = S + 1, cfg.dim, cfg.patch_dim
+    hidden = int(D * cfg.mlp_ratio)
+    per_block = 2 * L * D * (3 * D + D + 2 * hidden) + 2 * 2 * L * L * D  # qkv, proj, mlp; QK^T and AV
+    n_in, n_mid, n_out = cfg.depth
+    total = per_block * (n_in + n_mid + n_out) + n_out * 2 * L * 2 * D * D  # + long-skip projections
+    total += 2 * S * P * D * 2  # patch embed and head
+    if cfg.mlp_time_embed:
+        total += 2 * (D * 4 * D) * 2
+    return total
