@@ -1,0 +1,43 @@
+"""Model outputs -> viewable images: DWT/pixel space to uint8 RGB, and PNG grids."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.dwt import denormalize_bands, idwt2
+
+__all__ = ["to_rgb_uint8", "save_grid"]
+
+
+def to_rgb_uint8(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, C, H, W) model-space samples -> (B, H', W', 3) uint8. mode "pixel": x in [-1, 1];
+    "dwt": normalised Haar bands (B, 12, h, w) -> inverse DWT -> image in [0, 1] of size 2h x 2w."""
+    x = x.detach().float().cpu()
+    if mode == "dwt":
+        img = idwt2(denormalize_bands(x))
+    elif mode == "pixel":
+        img = (x + 1) / 2
+    else:
+        raise ValueError(f"unknown input mode {mode!r}; choose pixel or dwt")
+    return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
+    """(B, H, W, 3) uint8 -> one PNG with the images in rows of `nrow` (default: a square-ish grid)."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    B, H, W, _ = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = im
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
