@@ -2,7 +2,8 @@
 
     python -m trainer.demo --out runs/demo
 
-1. generate synthetic faces (`pipeline.synthetic`), 64 px, and take their Haar DWT (12 x 32 x 32, DWT mode);
+1. generate synthetic faces (`pipeline.synthetic`): 32 px pixel mode by default, or `--mode dwt` for 64 px
+   faces as their Haar DWT (12 x 32 x 32; it needs several times more steps to give clean samples);
 2. pre-train a small U-ViT with masked score matching, 90% block-wise masking (visible tokens only);
 3. fine-tune the same weights with the ordinary denoising loss (mask rate 0);
 4. sample from the EMA weights with DDIM and write `samples.png` beside `data.png` and `metrics.jsonl`.
@@ -40,9 +41,10 @@ def train_phase(model, ema, data, ab, *, steps, rate, batch, lr, ema_decay, gen,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))  # EMA warm-up: short runs are not stuck at init
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - ema_decay)
+                pe.lerp_(p, 1 - decay)
         if step % 50 == 0 or step == steps:
             log({"phase": phase, "step": step, "loss": round(loss.item(), 5), "mask_rate": rate})
 
@@ -50,9 +52,10 @@ def train_phase(model, ema, data, ab, *, steps, rate, batch, lr, ema_decay, gen,
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--mode", default="pixel", choices=["pixel", "dwt"])
     p.add_argument("--images", type=int, default=2048, help="synthetic training images")
     p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--mask-rate", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--sample-steps", type=int, default=50)
@@ -64,12 +67,16 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
 
-    faces = synthetic_faces(args.images, size=64, seed=args.seed)  # (N, 64, 64, 3) uint8
+    faces = synthetic_faces(args.images, size=32 if args.mode == "pixel" else 64, seed=args.seed)  # (N, s, s, 3)
     save_grid(faces[:16], out / "data.png")
     pixels = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255
-    data = normalize_bands(dwt2(pixels))  # (N, 12, 32, 32): cA in [-1, 3], details in [-1, 1]
+    if args.mode == "pixel":
+        data = pixels * 2 - 1  # (N, 3, 32, 32) in [-1, 1]
+    else:
+        data = normalize_bands(dwt2(pixels))  # (N, 12, 32, 32): cA in [-1, 3], details in [-1, 1]
+    C = data.shape[1]
     ab = alphas_cumprod(make_betas("cosine"))
-    model = build_model("tiny", 12, 32, dim=256, heads=4, depth=(2, 1, 2))
+    model = build_model("tiny", C, 32, dim=256, heads=4, depth=(2, 1, 2))
     ema = copy.deepcopy(model).requires_grad_(False)
 
     metrics = open(out / "metrics.jsonl", "w")
@@ -79,13 +86,13 @@ def main(argv=None) -> None:
         print(json.dumps(record), flush=True)
         metrics.write(json.dumps(record) + "\n")
 
-    common = dict(batch=args.batch, lr=5e-4, ema_decay=0.995, gen=gen, log=log)
+    common = dict(batch=args.batch, lr=1e-3, ema_decay=0.995, gen=gen, log=log)
     train_phase(model, ema, data, ab, steps=args.pretrain_steps, rate=args.mask_rate, phase="pretrain", **common)
     train_phase(model, ema, data, ab, steps=args.finetune_steps, rate=0.0, phase="finetune", **common)
 
-    x = sample(ema.eval(), (16, 12, 32, 32), ab, steps=args.sample_steps, clip=make_clip("dwt"),
+    x = sample(ema.eval(), (16, C, 32, 32), ab, steps=args.sample_steps, clip=make_clip(args.mode),
                generator=torch.Generator().manual_seed(args.seed), progress=True)
-    grid = save_grid(to_rgb_uint8(x, "dwt"), out / "samples.png")
+    grid = save_grid(to_rgb_uint8(x, args.mode), out / "samples.png")
     log({"phase": "sample", "images": 16, "sampler": "ddim", "steps": args.sample_steps, "grid": str(grid)})
     metrics.close()
     print(f"wrote {out / 'data.png'} (training data) and {grid} (samples from the EMA weights)")

@@ -1,0 +1,176 @@
+"""Decode -> orient -> crop -> antialiased resize -> JPEG + Haar DWT, for one source image (pure, no I/O).
+
+Decoding. Large JPEGs are decoded at reduced size with libjpeg's DCT scaling (`Image.draft`, scales 1/2, 1/4, 1/8),
+choosing the smallest scale at which the crop still has at least `size` pixels a side; the final resize is then
+a small antialiased step (or none: a 1024 px CelebA-HQ image decodes straight to 256 px). EXIF orientation is
+applied (boxes refer to the image as displayed). Modes: L, P, CMYK, I;16 (16-bit, scaled by 1/257), RGBA/LA/PA
+(composited over white) all become 8-bit RGB. Pillow's decompression-bomb limit (`max_pixels`) is enforced.
+
+Crops. A face box (x, y, w, h) becomes a square of side `box_scale * max(w, h)` centred on the box; without a box,
+or for plain folders, the centred square of side min(W, H). Where the square leaves the image it is padded by
+replicating the edge pixels (no black bars for the model to learn). The square is resized to `size` with Pillow's
+LANCZOS filter (antialiased when downscaling).
+
+Every rejected input raises `BadInput(reason)`, with `reason` one of REASONS, so the job can count it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.schema import JPEG_QUALITY, encode_dwt
+
+REASONS = ("empty file", "not an image", "truncated or corrupt image", "too large (decompression bomb)",
+           "too small", "box outside image", "unreadable file")
+DEFAULT_BOX_SCALE = 1.3
+DEFAULT_MIN_SIDE = 32        # skip sources whose crop square is smaller than this many pixels
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 9459 x 9459)
+
+__all__ = ["BadInput", "CropResult", "process_image", "face_square", "centre_square", "haar_dwt_uint8",
+           "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS"]
+
+
+class BadInput(Exception):
+    """A source image that cannot become a sample; `reason` is one of REASONS, `detail` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class CropResult:
+    jpg: bytes
+    dwt: bytes | None
+    meta: dict  # original width/height, face box, crop box, resize scale, sha256 of the source bytes
+
+
+def face_square(box, box_scale: float = DEFAULT_BOX_SCALE) -> tuple[float, float, float, float]:
+    """Loose face box (x, y, w, h) -> square (left, top, right, bottom) of side box_scale * max(w, h)."""
+    x, y, w, h = box
+    side = box_scale * max(w, h)
+    cx, cy = x + w / 2, y + h / 2
+    return (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+
+
+def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def haar_dwt_uint8(crop: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (12, H/2, W/2) float32 orthonormal Haar DWT of crop/255 (same layout as trainer.dwt)."""
+    x = crop.astype(np.float32).transpose(2, 0, 1) * (1.0 / 255.0)  # (3, H, W)
+    a, b = x[:, 0::2, 0::2], x[:, 0::2, 1::2]
+    c, d = x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+    s, t, u, v = a + b, c + d, a - b, c - d
+    return np.concatenate([s + t, s - t, u + v, u - v], axis=0) * 0.5
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit int) grey: rescale, never clip
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        grey = np.clip(arr * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, P, CMYK (Pillow undoes Adobe's inverted CMYK), 1, F
+
+
+def _decode(data: bytes, crop_fraction: float, size: int, max_pixels: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode with DCT scaling so that a crop covering `crop_fraction` of the shorter side keeps >= size px."""
+    if not data:
+        raise BadInput("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+            W, H = im.size
+            if W * H > max_pixels:
+                raise BadInput("too large (decompression bomb)", f"{W}x{H} > {max_pixels} pixels")
+            if im.format == "JPEG" and crop_fraction > 0:
+                want = size / crop_fraction  # shorter side needed so that the crop keeps `size` px
+                scale = min(W, H) / want
+                if scale >= 2:
+                    im.draft("RGB", (math.ceil(W / scale), math.ceil(H / scale)))
+            im.load()
+        except BadInput:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadInput("too large (decompression bomb)", str(e)) from None
+        except Image.UnidentifiedImageError:
+            raise BadInput("not an image") from None
+        except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken headers, bad tables
+            raise BadInput("truncated or corrupt image", str(e)) from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception as e:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
+        warnings.warn(f"ignoring unreadable EXIF orientation: {e}")
+    return im, (W, H)
+
+
+def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = DEFAULT_BOX_SCALE,
+                  with_dwt: bool = True, min_side: int = DEFAULT_MIN_SIDE,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> CropResult:
+    """Source bytes -> CropResult. `box` (x, y, w, h) in displayed-image pixels, or None for a centre square."""
+    sha = hashlib.sha256(data).hexdigest()
+    # Header-only pass for the geometry (cheap), so the decoder can pick its DCT scale.
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            W0, H0 = probe.size
+            rotated = (probe.getexif() or {}).get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - classified properly by _decode below
+        W0 = H0 = 0
+        rotated = False
+    W, H = (H0, W0) if rotated else (W0, H0)  # displayed size
+    if box is not None and W and H:
+        square = face_square(box, box_scale)
+        l, t, r, b = square
+        if r <= 0 or b <= 0 or l >= W or t >= H:
+            raise BadInput("box outside image", f"box {tuple(box)} vs image {W}x{H}")
+    else:
+        square = centre_square(W, H) if W and H else (0, 0, 0, 0)
+    side = square[2] - square[0]
+    if W and H and side < min_side:
+        raise BadInput("too small", f"crop side {side:.0f} px < {min_side} px (image {W}x{H})")
+    fraction = side / min(W, H) if W and H else 0.0
+    im, _ = _decode(data, fraction, size, max_pixels)
+    if not (W and H):  # the probe failed but the decoder did not: trust the decoded image
+        W, H = im.size
+        square = centre_square(W, H) if box is None else face_square(box, box_scale)
+    ratio = im.size[0] / W  # DCT scaling factor actually applied (1, 1/2, 1/4 or 1/8)
+    crop = _crop_square(_to_rgb(im), [v * ratio for v in square], size)
+    out = io.BytesIO()
+    Image.fromarray(crop).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    dwt = encode_dwt(haar_dwt_uint8(crop)) if with_dwt else None
+    meta = {"width": W, "height": H, "box": list(box) if box is not None else None,
+            "crop": [round(v, 2) for v in square], "scale": round(size / side, 6), "sha256": sha}
+    return CropResult(out.getvalue(), dwt, meta)
+
+
+def _crop_square(im: Image.Image, square, size: int) -> np.ndarray:
+    """Crop the (possibly out-of-bounds) square, edge-pad, resize to size x size -> (size, size, 3) uint8."""
+    l, t, r, b = (int(round(v)) for v in square)
+    W, H = im.size
+    il, it, ir, ib = max(l, 0), max(t, 0), min(r, W), min(b, H)
+    region = im.crop((il, it, ir, ib))
+    if (il, it, ir, ib) != (l, t, r, b):
+        arr = np.asarray(region)
+        arr = np.pad(arr, ((it - t, b - ib), (il - l, r - ir), (0, 0)), mode="edge")
+        region = Image.fromarray(arr)
+    if region.size != (size, size):
+        region = region.resize((size, size), Image.LANCZOS)
+    return np.asarray(region, dtype=np.uint8)

@@ -1,0 +1,94 @@
+"""Output locations: a local folder or any fsspec URL (s3://bucket/prefix with the `s3` extra).
+
+Nothing is ever visible under its final name before it is complete: local files are written to a temporary name
+in the same folder and renamed (atomic on POSIX); bucket objects are uploaded whole from a finished local file
+(an object store makes an object visible only once its upload completes)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+__all__ = ["Store"]
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except ImportError as e:
+            raise SystemExit(f"error: {url}: {e}. Install the bucket support with: pip install 'maskdm[s3]'") from None
+        self.local = self.fs.protocol in ("file", "local") or "file" in (self.fs.protocol or ())
+        if self.local:
+            self.root = str(Path(self.root).resolve())
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def makedirs(self, sub: str = "") -> None:
+        if self.local:
+            os.makedirs(self.path(sub) if sub else self.root, exist_ok=True)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.path(name))
+
+    def size(self, name: str) -> int | None:
+        try:
+            return int(self.fs.size(self.path(name)))
+        except FileNotFoundError:
+            return None
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open(self.path(name), "rb") as f:
+            return f.read()
+
+    def read_json(self, name: str):
+        return json.loads(self.read_bytes(name))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names (relative to the root) of the files directly under root/prefix."""
+        base = self.path(prefix) if prefix else self.root
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        root = self.root.rstrip("/") + "/"
+        return sorted(e[len(root):] if e.startswith(root) else e.rsplit("/", 1)[-1] for e in entries)
+
+    def tmp_file(self, name: str) -> str:
+        """A local temporary path for building `name`: beside the target when local (same filesystem, so the
+        final rename is atomic), else in the system temp folder."""
+        d = os.path.dirname(self.path(name)) if self.local else None
+        if d:
+            os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(name) + ".", dir=d)
+        os.close(fd)
+        return tmp
+
+    def publish(self, tmp: str, name: str) -> None:
+        """Make the finished local file `tmp` visible as `name` (rename or upload), then drop `tmp`."""
+        if self.local:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path(name))
+            return
+        try:
+            self.fs.put_file(tmp, self.path(name))
+        finally:
+            os.unlink(tmp)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        tmp = self.tmp_file(name)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        self.publish(tmp, name)
+
+    def write_json(self, name: str, obj) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm(self.path(name))
