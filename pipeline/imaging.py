@@ -33,6 +33,7 @@ DEFAULT_MIN_SIDE = 32        # skip sources whose crop square is smaller than th
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 9459 x 9459)
 
 __all__ = ["BadInput", "CropResult", "process_image", "face_square", "centre_square", "haar_dwt_uint8",
+           "haar_idwt_to_uint8",
            "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS"]
 
 
@@ -73,6 +74,17 @@ def haar_dwt_uint8(crop: np.ndarray) -> np.ndarray:
     c, d = x[:, 1::2, 0::2], x[:, 1::2, 1::2]
     s, t, u, v = a + b, c + d, a - b, c - d
     return np.concatenate([s + t, s - t, u + v, u - v], axis=0) * 0.5
+
+
+def haar_idwt_to_uint8(bands: np.ndarray) -> np.ndarray:
+    """Inverse of `haar_dwt_uint8`: (12, h, w) float -> (2h, 2w, 3) uint8 image (rounded, clipped)."""
+    cA, cH, cV, cD = np.split(bands.astype(np.float32), 4, axis=0)  # each (3, h, w)
+    p, q, r, s = cA + cH, cV + cD, cA - cH, cV - cD
+    C, h, w = cA.shape
+    x = np.empty((C, 2 * h, 2 * w), np.float32)
+    x[:, 0::2, 0::2], x[:, 0::2, 1::2] = (p + q) * 0.5, (p - q) * 0.5
+    x[:, 1::2, 0::2], x[:, 1::2, 1::2] = (r + s) * 0.5, (r - s) * 0.5
+    return np.clip(x.transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
