@@ -217,6 +217,16 @@ def _write_shard_task(args):
     return write_shard(*args)
 
 
+def _write_shards(tasks: list, workers: int):
+    """Records of the written shards, in completion order; one process per worker ("spawn": no inherited
+    state, the same on every platform)."""
+    if workers == 1 or len(tasks) <= 1:
+        yield from map(_write_shard_task, tasks)
+        return
+    with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        yield from pool.imap_unordered(_write_shard_task, tasks)
+
+
 # --- the job ---------------------------------------------------------------------------------------------------
 
 def _complete(store: Store, name: str) -> dict | None:
@@ -249,11 +259,8 @@ def run(cfg: ShardConfig) -> dict | None:
           f"{len(mine) - len(todo)} already complete", file=sys.stderr)
     bar = tqdm(total=sum(len(shards[s]) for s in mine), initial=done_items, unit="img", desc="sharding",
                dynamic_ncols=True, file=sys.stderr)
-    tasks = [(cfg, s, shards[s]) for s in todo]
-    records = (map(_write_shard_task, tasks) if cfg.workers == 1 or len(tasks) <= 1 else
-               mp.get_context("spawn").Pool(cfg.workers).imap_unordered(_write_shard_task, tasks))
     skipped = 0
-    for record in records:
+    for record in _write_shards([(cfg, s, shards[s]) for s in todo], cfg.workers):
         bar.update(record["inputs"])
         skipped += len(record["skipped"])
         bar.set_postfix(skipped=skipped)

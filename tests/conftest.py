@@ -38,3 +38,66 @@ def read_real_faces(n: int, tar_name: str = "lfw-deepfunneled.tar") -> list[np.n
 @pytest.fixture
 def real_faces():
     return read_real_faces
+
+
+# --- a real S3 endpoint on 127.0.0.1: moto's server in a subprocess ----------------------------------------------
+
+class S3Server:
+    """moto's S3-compatible server as a child process on a free 127.0.0.1 port; `stop()`/`start()` simulate an
+    outage (the in-memory buckets are lost on restart)."""
+
+    def __init__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                return self
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start")
+                time.sleep(0.1)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """Environment of a user pointed at an S3-compatible store: credentials and endpoint from the standard
+    variables, so child processes (workers, launchers) see them too. Yields the server."""
+    pytest.importorskip("s3fs")
+    server = S3Server().start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", server.endpoint)
+    import fsspec
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # pick up FSSPEC_S3_* in this process too
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("test-bucket")
+    try:
+        yield server
+    finally:
+        server.stop()
+        fsspec.config.conf.pop("s3", None)

@@ -44,8 +44,9 @@ def test_posterior_variance_hand_computed():
 
 def test_q_sample_formula_and_dtype():
     ab = alphas_cumprod(make_betas("linear"))
-    x0 = torch.randn(3, 2, 4, 4)
-    eps = torch.randn_like(x0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 2, 4, 4, generator=g)
+    eps = torch.randn(3, 2, 4, 4, generator=g)
     t = torch.tensor([0, 499, 999])
     x_t = q_sample(x0, t, eps, ab)
     for i in range(3):
@@ -98,6 +99,14 @@ def test_clipping_reprojects_eps():
     pix = ddim_step(x_t[:, :3], eps[:, :3], 10, -1, ab, clip=make_clip("pixel"))
     assert pix.max() == 1
     assert make_clip("none") is None
+    # to an intermediate step, eps is re-derived from the clipped x0 (what the reference samplers do)
+    t, t_prev = 10, 5
+    x0c = make_clip("dwt")(x_t / math.sqrt(ab[t]))
+    eps_c = (x_t - math.sqrt(ab[t]) * x0c) / math.sqrt(1 - ab[t])
+    expected = math.sqrt(ab[t_prev]) * x0c + math.sqrt(1 - ab[t_prev]) * eps_c
+    out = ddim_step(x_t, eps, t, t_prev, ab, clip=make_clip("dwt"))
+    assert torch.allclose(out, expected, atol=1e-10)
+    assert not torch.allclose(out, math.sqrt(ab[t_prev]) * x0c + math.sqrt(1 - ab[t_prev]) * eps)
 
 
 def test_ddim_timesteps():

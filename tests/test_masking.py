@@ -18,7 +18,7 @@ def as_sets(v):
 @pytest.mark.parametrize("kind,grid,rate,block,expected", [
     ("patch", 8, 0.75, 4, 16),        # 64 - floor(48)
     ("patch", 16, 0.9, 4, 26),        # 256 - floor(230.4)
-    ("patch", 10, 0.7, 4, 30),        # 100 - floor(70.0000000001 or 69.9999999): the epsilon guard
+    ("patch", 10, 0.29, 4, 71),       # 0.29 * 100 = 28.999999999999996: the epsilon guard makes it 29
     ("block", 8, 0.75, 2, 16),        # 16 blocks, floor(12) masked, 4 visible blocks of 4 tokens
     ("block", 32, 0.9, 4, 112),       # the paper's 256 px / patch 8 setting: 57 of 64 blocks masked
     ("block", 16, 0.9, 4, 32),        # 16 blocks, floor(14.4)=14 masked -> 2 visible blocks

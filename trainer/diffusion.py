@@ -73,16 +73,18 @@ def posterior_variance(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return (1 - ab / ab_prev) * (1 - ab_prev) / (1 - ab)
 
 
-def _coef(alphas_cumprod: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """alpha_bar_t gathered for a (B,) step tensor, shaped to broadcast against x, in fp32 on x's device."""
-    ab = alphas_cumprod.to(device=x.device, dtype=torch.float64)[t.to(x.device)].float()
-    return ab.view(-1, *([1] * (x.dim() - 1)))
+def _coefs(alphas_cumprod: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t) for a (B,) step tensor, computed in float64 (1 - alpha_bar
+    cancels badly in fp32 at small t), returned in fp32 on x's device, shaped to broadcast against x."""
+    ab = alphas_cumprod.to(device=x.device, dtype=torch.float64)[t.to(x.device)]
+    shape = (-1, *([1] * (x.dim() - 1)))
+    return ab.sqrt().float().view(shape), (1 - ab).sqrt().float().view(shape)
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, computed in fp32, returned in x0's dtype."""
-    ab = _coef(alphas_cumprod, t, x0)
-    return (ab.sqrt() * x0.float() + (1 - ab).sqrt() * noise.float()).to(x0.dtype)
+    sqrt_ab, sqrt_one_minus_ab = _coefs(alphas_cumprod, t, x0)
+    return (sqrt_ab * x0.float() + sqrt_one_minus_ab * noise.float()).to(x0.dtype)
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, ab_t: float) -> torch.Tensor:
@@ -100,6 +102,8 @@ def msm_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alph
     """Masked score matching: epsilon-MSE over the visible patches only (all patches when visible is None).
     The noise is added to the full image before masking; the reduction is in fp32. Returns a scalar."""
     x_t = q_sample(x0, t, noise, alphas_cumprod)
+    if visible is not None:
+        visible = visible.to(x0.device)
     pred = model(x_t, t, visible=visible)
     if visible is None:
         return F.mse_loss(pred.float(), noise.float())

@@ -112,10 +112,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
-        bias = None
+        qkv = self.qkv(x)  # (B, L, 3D); called as a module so ZeRO-3 gathers its weight in every context
         if self.q_bias is not None:
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)  # (B, L, 3D)
+            qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = qkv.view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # each (B, heads, L, hd)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, hd)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
@@ -186,9 +185,10 @@ class UViT(nn.Module):
         cfg = self.cfg
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        tokens = patchify(x, cfg.patch_size)  # (B, N, P)
+        tokens = patchify(x.to(self.pos_embed.dtype), cfg.patch_size)  # (B, N, P) in the module's dtype
         pos = self.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
         if visible is not None:
+            visible = visible.to(x.device)
             tokens = gather_tokens(tokens, visible)  # (B, S, P)
             pos = gather_tokens(pos, visible)  # (B, S, D)
         h = self.patch_embed(tokens) + pos  # (B, S, D)
