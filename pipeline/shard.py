@@ -146,11 +146,20 @@ def plan_digest(cfg: ShardConfig, shards: list[list[Item]]) -> str:
 # --- writing one shard (runs in worker processes) ---------------------------------------------------------------
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append one regular file with fixed metadata (mtime 0, uid/gid 0, no user names, mode 0644). The header
+    comes from tarfile; the payload is written straight to the file, without tarfile's chunked copy."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+    header = info.tobuf(tar.format, tar.encoding, tar.errors)
+    pad = -len(data) % tarfile.BLOCKSIZE
+    tar.fileobj.write(header)
+    tar.fileobj.write(data)
+    if pad:
+        tar.fileobj.write(bytes(pad))
+    tar.offset += len(header) + len(data) + pad
+    tar.members.append(info)
 
 
 def _sample_members(item: Item, cfg: ShardConfig) -> list[tuple[str, bytes]]:
@@ -178,7 +187,8 @@ def write_shard(cfg: ShardConfig, index: int, items: list[Item]) -> dict:
     skipped, samples, fallback = [], 0, 0
     tmp = store.tmp_file(name)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = _HashingWriter(raw)
             with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for item in items:
                     try:
@@ -192,7 +202,7 @@ def write_shard(cfg: ShardConfig, index: int, items: list[Item]) -> dict:
                         _tar_add(tar, member, data)
                     samples += 1
                     fallback += item.box_missing
-        digest, nbytes = _sha256_file(tmp)
+        digest, nbytes = f.sha256.hexdigest(), f.bytes
         store.publish(tmp, name)
     except BaseException:
         if os.path.exists(tmp):
@@ -204,13 +214,19 @@ def write_shard(cfg: ShardConfig, index: int, items: list[Item]) -> dict:
     return record
 
 
-def _sha256_file(path: str) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through (no second read of the shard)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.bytes
 
 
 def _write_shard_task(args):
