@@ -130,7 +130,7 @@ def vggface2_items(root: str | os.PathLike, split: str = "train", bbox: str | No
         raise SystemExit(f"error: {split_dir} not found: --src must hold VGGFace2's {split}/nXXXXXX/*.jpg "
                          f"(choose the split with --split train|test)")
     skipped: list[dict] = []
-    box_file = Path(bbox) if bbox else _find(root, [f"loose_bb_{split}.csv", f"loose_landmark_{split}.csv"][:1])
+    box_file = Path(bbox) if bbox else _find(root, [f"loose_bb_{split}.csv"])
     if bbox and not box_file.is_file():
         raise SystemExit(f"error: --bbox {bbox} does not exist")
     boxes = read_boxes(box_file, skipped) if box_file else {}

@@ -49,16 +49,6 @@ class Store:
     def read_json(self, name: str):
         return json.loads(self.read_bytes(name))
 
-    def list(self, prefix: str = "") -> list[str]:
-        """Names (relative to the root) of the files directly under root/prefix."""
-        base = self.path(prefix) if prefix else self.root
-        try:
-            entries = self.fs.ls(base, detail=False)
-        except FileNotFoundError:
-            return []
-        root = self.root.rstrip("/") + "/"
-        return sorted(e[len(root):] if e.startswith(root) else e.rsplit("/", 1)[-1] for e in entries)
-
     def tmp_file(self, name: str) -> str:
         """A local temporary path for building `name`: beside the target when local (same filesystem, so the
         final rename is atomic), else in the system temp folder."""
