@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -29,9 +30,11 @@ def test_to_rgb_inverts_both_input_modes(tmp_path):
     assert np.array_equal(grid[2:18, 20:36], faces[1])
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    demo.main(["--out", str(tmp_path), "--images", "64", "--pretrain-steps", "2", "--finetune-steps", "2",
-               "--batch", "4", "--sample-steps", "2"])
+@pytest.mark.parametrize("mode", ["pixel", "dwt"])
+def test_demo_runs_end_to_end(tmp_path, mode):
+    demo.main(["--out", str(tmp_path), "--images", "40", "--pretrain-steps", "2", "--finetune-steps", "2",
+               "--batch", "4", "--sample-steps", "2", "--mode", mode])
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["totals"]["samples"] == 40
     assert Image.open(tmp_path / "samples.png").size == Image.open(tmp_path / "data.png").size
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["phase"] for r in records] == ["pretrain", "finetune", "sample"]

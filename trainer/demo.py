@@ -1,12 +1,15 @@
-"""A single-process CPU demo of the diffusion core, on synthetic faces, in about a minute:
+"""A single-process CPU demo of the whole path, on generated faces, in a few minutes on 2 cores:
 
     python -m trainer.demo --out runs/demo
 
-1. generate synthetic faces (`pipeline.synthetic`): 32 px pixel mode by default, or `--mode dwt` for 64 px
-   faces as their Haar DWT (12 x 32 x 32; it needs several times more steps to give clean samples);
-2. pre-train a small U-ViT with masked score matching, 90% block-wise masking (visible tokens only);
-3. fine-tune the same weights with the ordinary denoising loss (mask rate 0);
-4. sample from the EMA weights with DDIM and write `samples.png` beside `data.png` and `metrics.jsonl`.
+1. generate synthetic cartoon faces (`pipeline.synthetic`) as JPEG files under OUT/source;
+2. shard them with the real pipeline (`pipeline.shard folder`) into OUT/shards: 32 px crops in pixel mode (the
+   default), or with `--mode dwt` 64 px crops with their stored Haar DWT (12 x 32 x 32; DWT mode needs several
+   times more steps to give clean samples);
+3. pre-train a small U-ViT with masked score matching, 90% block-wise masking (visible tokens only);
+4. fine-tune the same weights with the ordinary denoising loss (mask rate 0);
+5. sample from the EMA weights with DDIM; write `samples.png` beside `data.png` (crops read back from the
+   shards) and `metrics.jsonl`.
 
 It exercises exactly the library pieces the DeepSpeed trainer uses (masks, model, losses, samplers, DWT); the
 production loop (streaming shards, ZeRO, checkpoints) is `trainer/pretrain.py` and `trainer/finetune.py`.
@@ -15,15 +18,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+from pipeline.reader import iter_samples, load_manifest
+from pipeline.schema import decode_dwt
+from pipeline.shard import main as shard_main
+from pipeline.store import Store
 from pipeline.synthetic import synthetic_faces
 from trainer.diffusion import alphas_cumprod, make_betas, make_clip, msm_loss, sample
-from trainer.dwt import dwt2, normalize_bands
+from trainer.dwt import normalize_bands
 from trainer.images import save_grid, to_rgb_uint8
 from trainer.masking import visible_indices
 from trainer.models import build_model
@@ -49,13 +59,42 @@ def train_phase(model, ema, data, ab, *, steps, rate, batch, lr, ema_decay, gen,
             log({"phase": phase, "step": step, "loss": round(loss.item(), 5), "mask_rate": rate})
 
 
+def make_shards(out: Path, n: int, mode: str, seed: int) -> Path:
+    """Synthetic faces -> JPEG files -> a shard set made by the real pipeline (reused if already complete)."""
+    src = out / "source"
+    if not src.is_dir():
+        for i, face in enumerate(synthetic_faces(n, size=72, seed=seed)):
+            path = src / f"id{i % 16:02d}" / f"{i:05d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(face).save(path, quality=95)
+    shards = out / "shards"
+    size = ["--size", "32", "--no-dwt"] if mode == "pixel" else ["--size", "64"]
+    shard_main(["folder", "--src", str(src), "--out", str(shards), "--shard-size", "512", *size])
+    return shards
+
+
+def load_shards(shards: Path, mode: str) -> torch.Tensor:
+    """Every sample of a local shard set as model input: pixel (N, 3, 32, 32) in [-1, 1], or the stored DWT
+    bands normalised (N, 12, 32, 32). (The streaming DeepSpeed loader is trainer/data.py, issue 4.)"""
+    store = Store(str(shards))
+    xs = []
+    for entry in load_manifest(store)["shards"]:
+        for s in iter_samples(store.read_bytes(entry["name"])):
+            if mode == "pixel":
+                img = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+                xs.append(torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 127.5 - 1)
+            else:
+                xs.append(normalize_bands(torch.from_numpy(decode_dwt(s["dwt.f16"], 64).astype(np.float32))[None])[0])
+    return torch.stack(xs)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--mode", default="pixel", choices=["pixel", "dwt"])
     p.add_argument("--images", type=int, default=2048, help="synthetic training images")
-    p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--pretrain-steps", type=int, default=500)
+    p.add_argument("--finetune-steps", type=int, default=500)
     p.add_argument("--mask-rate", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--sample-steps", type=int, default=50)
@@ -67,13 +106,8 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
 
-    faces = synthetic_faces(args.images, size=32 if args.mode == "pixel" else 64, seed=args.seed)  # (N, s, s, 3)
-    save_grid(faces[:16], out / "data.png")
-    pixels = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255
-    if args.mode == "pixel":
-        data = pixels * 2 - 1  # (N, 3, 32, 32) in [-1, 1]
-    else:
-        data = normalize_bands(dwt2(pixels))  # (N, 12, 32, 32): cA in [-1, 3], details in [-1, 1]
+    data = load_shards(make_shards(out, args.images, args.mode, args.seed), args.mode)  # (N, C, 32, 32)
+    save_grid(to_rgb_uint8(data[:16], args.mode), out / "data.png")
     C = data.shape[1]
     ab = alphas_cumprod(make_betas("cosine"))
     model = build_model("tiny", C, 32, dim=256, heads=4, depth=(2, 1, 2))
