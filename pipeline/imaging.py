@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from pipeline.schema import JPEG_QUALITY, encode_dwt
 
 REASONS = ("empty file", "not an image", "truncated or corrupt image", "too large (decompression bomb)",
-           "too small", "box outside image", "unreadable file")
+           "too small", "box outside image", "unreadable file", "unexpected error")
 DEFAULT_BOX_SCALE = 1.3
 DEFAULT_MIN_SIDE = 32        # skip sources whose crop square is smaller than this many pixels
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 9459 x 9459)
@@ -183,8 +183,10 @@ def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = 
     if side < min_side:
         raise BadInput("too small", f"crop side {side:.0f} px < {min_side} px (image {W}x{H})")
     im = _load(im, side / min(W, H), size)
-    ratio = im.size[0] / W  # DCT scaling factor actually applied (1, 1/2, 1/4 or 1/8)
-    crop = _crop_square(_to_rgb(im), [v * ratio for v in square], size)
+    # map the square into the decoded image (DCT scaling: 1, 1/2, 1/4 or 1/8, per axis after libjpeg's rounding)
+    rx, ry = im.size[0] / W, im.size[1] / H
+    l, t, r, b = square
+    crop = _crop_square(_to_rgb(im), (l + r) / 2 * rx, (t + b) / 2 * ry, side * (rx + ry) / 2, size)
     out = io.BytesIO()
     Image.fromarray(crop).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     dwt = encode_dwt(haar_dwt_f16(crop)) if with_dwt else None
@@ -194,11 +196,16 @@ def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = 
     return CropResult(out.getvalue(), dwt, meta)
 
 
-def _crop_square(im: Image.Image, square, size: int) -> np.ndarray:
-    """Crop the (possibly out-of-bounds) square, edge-pad, resize to size x size -> (size, size, 3) uint8."""
-    l, t, r, b = (int(round(v)) for v in square)
+def _crop_square(im: Image.Image, cx: float, cy: float, side: float, size: int) -> np.ndarray:
+    """Crop the square of `side` px centred on (cx, cy) (it may leave the image: edge-padded there), resize it
+    to size x size -> (size, size, 3) uint8. One integer side for both axes keeps the square square."""
+    n = max(1, int(round(side)))
+    l, t = int(round(cx - n / 2)), int(round(cy - n / 2))
+    r, b = l + n, t + n
     W, H = im.size
     il, it, ir, ib = max(l, 0), max(t, 0), min(r, W), min(b, H)
+    if ir <= il or ib <= it:  # touches the image by less than a pixel after rounding
+        raise BadInput("box outside image", f"crop square ({l}, {t}, {r}, {b}) leaves no pixel of a {W}x{H} image")
     region = im.crop((il, it, ir, ib))
     if (il, it, ir, ib) != (l, t, r, b):
         arr = np.asarray(region)

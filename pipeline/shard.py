@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
 import re
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
+import numpy as np
+import PIL
+import PIL.features
 from tqdm.auto import tqdm
 
 from pipeline.imaging import DEFAULT_BOX_SCALE, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadInput, process_image
@@ -39,7 +43,7 @@ from pipeline.store import Store
 STATE = ".state"
 PLAN = f"{STATE}/plan.json"
 CORPORA = ("folder", "vggface2", "celebahq")
-BYTES_PER_SAMPLE_ESTIMATE = {True: 430_000, False: 40_000}  # 256 px, with / without dwt.f16 (docs/format.md)
+BYTES_PER_SAMPLE_ESTIMATE = {True: 415_000, False: 22_000}  # 256 px, with / without dwt.f16 (docs/format.md)
 
 __all__ = ["ShardConfig", "plan", "run", "main", "write_manifest"]
 
@@ -63,12 +67,19 @@ class ShardConfig:
     seed: int = 0
     subset_by: str = "image"
     limit: int | None = None
+    no_bbox: bool = False
     # how the job runs, not what it makes: left out of the manifest (the output is the same whatever they are)
     workers: int = field(default=1, compare=False)
     part: tuple[int, int] = field(default=(0, 1), compare=False)
     strict: bool = field(default=False, compare=False)
+    tmp_dir: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
+        # record equivalent spellings alike: an absolute source path, the corpus' default split
+        if "://" not in self.src:
+            object.__setattr__(self, "src", str(Path(self.src).resolve()))
+        if not self.split:
+            object.__setattr__(self, "split", {"vggface2": "train", "celebahq": "all"}.get(self.corpus, ""))
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {CORPORA}")
         if self.size % 2 or self.size < 8:
@@ -81,6 +92,9 @@ class ShardConfig:
             raise ValueError(f"--subset-by {self.subset_by!r}: choose image or identity")
         if self.shard_size < 1 or self.workers < 1:
             raise ValueError("--shard-size and --workers must be >= 1")
+        for flag, v in (("--count", self.count), ("--limit", self.limit)):
+            if v is not None and v < 1:
+                raise ValueError(f"{flag} {v}: must be >= 1")
         i, p = self.part
         if not 0 <= i < p:
             raise ValueError(f"--part {i}/{p}: need 0 <= I < P")
@@ -90,7 +104,7 @@ class ShardConfig:
     def recorded(self) -> dict:
         """What the manifest records: every field that shapes the output (not workers/part/strict)."""
         d = asdict(self)
-        for k in ("workers", "part", "strict", "out"):
+        for k in ("workers", "part", "strict", "out", "tmp_dir"):
             d.pop(k)
         return d
 
@@ -105,8 +119,8 @@ def list_corpus(cfg: ShardConfig) -> Listing:
     if cfg.corpus == "folder":
         return folder_items(cfg.src)
     if cfg.corpus == "vggface2":
-        return vggface2_items(cfg.src, cfg.split or "train", cfg.bbox)
-    return celebahq_items(cfg.src, cfg.split or "all")
+        return vggface2_items(cfg.src, cfg.split, cfg.bbox, allow_no_boxes=cfg.no_bbox)
+    return celebahq_items(cfg.src, cfg.split)
 
 
 def select_subset(items: list[Item], cfg: ShardConfig) -> list[Item]:
@@ -115,10 +129,10 @@ def select_subset(items: list[Item], cfg: ShardConfig) -> list[Item]:
     if cfg.fraction is None and cfg.count is None:
         return items
     if cfg.subset_by == "identity":
-        groups = sorted({it.identity or "" for it in items}, key=lambda g: _rank(cfg.seed, g))
+        groups = sorted({it.group or "" for it in items}, key=lambda g: _rank(cfg.seed, g))
         k = cfg.count if cfg.count is not None else max(1, round(cfg.fraction * len(groups)))
         keep = set(groups[:k])
-        return [it for it in items if (it.identity or "") in keep]
+        return [it for it in items if (it.group or "") in keep]
     ranked = sorted(items, key=lambda it: _rank(cfg.seed, it.key))
     k = cfg.count if cfg.count is not None else max(1, round(cfg.fraction * len(items)))
     return sorted(ranked[:k], key=lambda it: it.key)
@@ -136,8 +150,16 @@ def plan(cfg: ShardConfig) -> tuple[list[list[Item]], Listing]:
     return shards, listing
 
 
+def environment() -> dict:
+    """Versions that shape the bytes written (JPEG encoder, numpy rounding, this code). Recorded in the plan and
+    the manifest, and part of the plan digest: a rerun or a --part job with other versions is refused rather than
+    mixing shards made differently."""
+    return {"code": _code_version(), "pillow": PIL.__version__, "numpy": np.__version__,
+            "libjpeg_turbo": str(PIL.features.version("libjpeg_turbo"))}
+
+
 def plan_digest(cfg: ShardConfig, shards: list[list[Item]]) -> str:
-    h = hashlib.sha256(json.dumps(cfg.recorded(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps([cfg.recorded(), environment()], sort_keys=True).encode())
     for s in shards:
         h.update(("\n".join(it.key for it in s) + "\0").encode())
     return h.hexdigest()
@@ -180,12 +202,16 @@ def _sample_members(item: Item, cfg: ShardConfig) -> list[tuple[str, bytes]]:
     return members
 
 
+class StrictStop(Exception):
+    """--strict met a bad input (an Exception, not SystemExit, so that it crosses the worker pool)."""
+
+
 def write_shard(cfg: ShardConfig, index: int, items: list[Item]) -> dict:
     """Build shard `index` under a temporary name, publish it, then its record in .state/. Returns the record."""
     store = Store(cfg.out)
     name = shard_name(cfg.name, index)
     skipped, samples, fallback = [], 0, 0
-    tmp = store.tmp_file(name)
+    tmp = store.tmp_file(name, cfg.tmp_dir)
     try:
         with open(tmp, "wb") as raw:
             f = _HashingWriter(raw)
@@ -193,15 +219,18 @@ def write_shard(cfg: ShardConfig, index: int, items: list[Item]) -> dict:
                 for item in items:
                     try:
                         members = _sample_members(item, cfg)
-                    except BadInput as e:
+                    except Exception as e:  # noqa: BLE001 - one bad input must never end the job
+                        bad = e if isinstance(e, BadInput) else BadInput("unexpected error", f"{type(e).__name__}: {e}")
                         if cfg.strict:
-                            raise SystemExit(f"error: {item.path}: {e} (--strict stops at the first bad input)")
-                        skipped.append({"input": item.rel, "reason": e.reason, "detail": e.detail[:200]})
+                            raise StrictStop(f"error: {item.path}: {bad} (--strict stops at the first bad input)")
+                        skipped.append({"input": item.rel, "reason": bad.reason, "detail": bad.detail[:200]})
                         continue
                     for member, data in members:
                         _tar_add(tar, member, data)
                     samples += 1
                     fallback += item.box_missing
+            raw.flush()
+            os.fsync(raw.fileno())  # on disk before it becomes visible under its final name
         digest, nbytes = f.sha256.hexdigest(), f.bytes
         store.publish(tmp, name)
     except BaseException:
@@ -239,8 +268,17 @@ def _write_shards(tasks: list, workers: int):
     if workers == 1 or len(tasks) <= 1:
         yield from map(_write_shard_task, tasks)
         return
-    with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+    with mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_die_with_parent) as pool:
         yield from pool.imap_unordered(_write_shard_task, tasks)
+
+
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the job's main process dies (killed jobs leave no writers behind)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # --- the job ---------------------------------------------------------------------------------------------------
@@ -265,7 +303,8 @@ def run(cfg: ShardConfig) -> dict | None:
     digest = plan_digest(cfg, shards)
     _check_plan(store, cfg, digest, len(shards))
     store.write_json(PLAN, {"digest": digest, "shards": len(shards), "config": cfg.recorded(),
-                            "listing_skipped": listing.skipped, "notes": listing.notes})
+                            "environment": environment(), "listing_skipped": listing.skipped,
+                            "notes": listing.notes})
     i, p = cfg.part
     mine = [s for s in range(len(shards)) if s % p == i]
     todo = [s for s in mine if _complete(store, shard_name(cfg.name, s)) is None]
@@ -276,11 +315,15 @@ def run(cfg: ShardConfig) -> dict | None:
     bar = tqdm(total=sum(len(shards[s]) for s in mine), initial=done_items, unit="img", desc="sharding",
                dynamic_ncols=True, file=sys.stderr)
     skipped = 0
-    for record in _write_shards([(cfg, s, shards[s]) for s in todo], cfg.workers):
-        bar.update(record["inputs"])
-        skipped += len(record["skipped"])
-        bar.set_postfix(skipped=skipped)
-    bar.close()
+    try:
+        for record in _write_shards([(cfg, s, shards[s]) for s in todo], cfg.workers):
+            bar.update(record["inputs"])
+            skipped += len(record["skipped"])
+            bar.set_postfix(skipped=skipped)
+    except StrictStop as e:
+        raise SystemExit(str(e)) from None
+    finally:
+        bar.close()
     manifest = write_manifest(cfg.out)
     if manifest is None:
         print(f"part {i}/{p} done in {time.time() - start:.0f} s; other parts still running: "
@@ -295,19 +338,25 @@ def _check_plan(store: Store, cfg: ShardConfig, digest: str, n: int) -> None:
         return
     old = store.read_json(PLAN)
     if old.get("digest") != digest:
-        raise SystemExit(f"error: {cfg.out} already holds a shard set made from other inputs or flags "
-                         f"({old.get('shards')} shards, config {json.dumps(old.get('config'))}). "
+        raise SystemExit(f"error: {cfg.out} already holds a shard set made from other inputs, flags or software "
+                         f"versions ({old.get('shards')} shards, config {json.dumps(old.get('config'))}, "
+                         f"environment {json.dumps(old.get('environment'))}; now {json.dumps(environment())}). "
                          f"Write to a new --out, or delete {cfg.out} to start over.")
 
 
 def _clean_stale_tmp(store: Store, cfg: ShardConfig, todo: list[int]) -> None:
-    """Remove temporary files left by a killed run, for the shards this job is about to write (never others')."""
-    if not store.local:
-        return
-    prefixes = tuple(f".tmp-{shard_name(cfg.name, s)}." for s in todo)
-    for entry in os.listdir(store.root):
-        if entry.startswith(prefixes):
-            os.unlink(os.path.join(store.root, entry))
+    """Remove temporary files left by a killed run, for the shards this job is about to write (never another
+    part's): beside the shards (local output) or in the temporary folder (bucket output), and in .state/."""
+    names = [shard_name(cfg.name, s) for s in todo]
+    prefixes = tuple(f".tmp-{n}." for n in names) + tuple(f".tmp-{n}.json." for n in names)
+    folders = [os.path.dirname(store.tmp_file_path(names[0], cfg.tmp_dir))] if names else []
+    if store.local:
+        folders.append(store.path(STATE))
+    for folder in folders:
+        if os.path.isdir(folder):
+            for entry in os.listdir(folder):
+                if entry.startswith(prefixes):
+                    os.unlink(os.path.join(folder, entry))
 
 
 def write_manifest(out: str) -> dict | None:
@@ -331,6 +380,7 @@ def write_manifest(out: str) -> dict | None:
     manifest = {
         "format_version": FORMAT_VERSION,
         "code_version": _code_version(),
+        "environment": p["environment"],
         "config": p["config"],
         "source_notes": p["notes"],
         "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records],
@@ -391,6 +441,7 @@ def parse_args(argv=None) -> ShardConfig:
     p.add_argument("--name", default="shard", help="shard file prefix: NAME-000000.tar (default: shard)")
     p.add_argument("--split", default="", help="vggface2: train|test (default train); celebahq: train|val|test|all")
     p.add_argument("--bbox", help="vggface2: loose box CSV (default: found under ROOT/bb_landmark, meta or data)")
+    p.add_argument("--no-bbox", action="store_true", help="vggface2 without a box file: centre squares")
     p.add_argument("--box-scale", type=float, default=DEFAULT_BOX_SCALE,
                    help=f"crop side = box-scale x max(box w, h) (default {DEFAULT_BOX_SCALE})")
     p.add_argument("--size", type=int, default=256, help="crop side in pixels (default 256)")
@@ -406,13 +457,14 @@ def parse_args(argv=None) -> ShardConfig:
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--part", type=_part, default=(0, 1), help="I/P: write only shards s with s %% P == I")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--tmp-dir", help="where shards are built before upload to a bucket (default: system temp)")
     a = p.parse_args(argv)
     try:
         return ShardConfig(corpus=a.corpus, src=a.src, out=a.out, name=a.name, split=a.split, bbox=a.bbox,
                            size=a.size, dwt=not a.no_dwt, box_scale=a.box_scale, min_side=a.min_side,
                            max_pixels=a.max_pixels, shard_size=_shard_size(a.shard_size, not a.no_dwt, a.size),
                            fraction=a.fraction, count=a.count, seed=a.seed, subset_by=a.subset_by, limit=a.limit,
-                           workers=a.workers, part=a.part, strict=a.strict)
+                           no_bbox=a.no_bbox, workers=a.workers, part=a.part, strict=a.strict, tmp_dir=a.tmp_dir)
     except ValueError as e:
         p.error(str(e))
 

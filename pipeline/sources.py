@@ -14,6 +14,7 @@ Items are sorted by key; keys are unique (a second file with the same key is ski
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class Item:
     cls: int | None = None
     box: tuple[float, float, float, float] | None = None
     box_missing: bool = False  # a face box was expected but not found: centre-square fallback (counted)
+    group: str | None = None   # identity folder: the unit of --subset-by identity
 
 
 @dataclass
@@ -44,10 +46,21 @@ class Listing:
     notes: dict = field(default_factory=dict)          # counts worth reporting (e.g. boxes found)
 
 
-def _walk_images(root: Path) -> list[str]:
-    """Relative POSIX paths of every image under root, sorted, following no symlinked directories."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk_images(root: Path, skipped: list[dict]) -> list[str]:
+    """Relative POSIX paths of every image under root, sorted. Symlinked folders are followed (once each);
+    a folder that cannot be listed is recorded as skipped, never silently dropped."""
+    found, seen = [], set()
+
+    def unreadable(err: OSError) -> None:
+        rel = Path(err.filename).relative_to(root).as_posix() if err.filename else str(root)
+        skipped.append({"input": rel + "/", "reason": "unreadable file", "detail": f"cannot list folder: {err}"})
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames.sort()
         for name in filenames:
             if name.lower().endswith(IMAGE_EXTS):
@@ -74,13 +87,14 @@ def _require_dir(root: Path, flag: str = "--src") -> Path:
 
 def folder_items(root: str | os.PathLike) -> Listing:
     root = _require_dir(Path(root).resolve())
-    rels = _walk_images(root)
+    skipped: list[dict] = []
+    rels = _walk_images(root, skipped)
     identities = sorted({r.split("/")[0] for r in rels if "/" in r})
     index = {name: i for i, name in enumerate(identities)}
-    items, skipped = [], []
+    items = []
     for rel in rels:
         ident = rel.split("/")[0] if "/" in rel else None
-        items.append(Item(encode_key(rel), str(root / rel), rel, ident, index.get(ident)))
+        items.append(Item(encode_key(rel), str(root / rel), rel, ident, index.get(ident), group=ident))
     return Listing(_dedupe(items, skipped), skipped)
 
 
@@ -103,7 +117,7 @@ def read_boxes(path: Path, skipped: list[dict]) -> dict[str, tuple[float, float,
             try:
                 name = row[0].strip()
                 x, y, w, h = (float(v) for v in row[1:5])
-                if len(row) != 5 or not name or w <= 0 or h <= 0:
+                if len(row) != 5 or not name or not all(map(math.isfinite, (x, y, w, h))) or w <= 0 or h <= 0:
                     raise ValueError(row)
             except (ValueError, IndexError):
                 skipped.append({"input": f"{path.name}:{lineno}", "reason": "malformed CSV row",
@@ -123,7 +137,8 @@ def read_identity_meta(path: Path) -> dict[str, str]:
     return names
 
 
-def vggface2_items(root: str | os.PathLike, split: str = "train", bbox: str | None = None) -> Listing:
+def vggface2_items(root: str | os.PathLike, split: str = "train", bbox: str | None = None,
+                   allow_no_boxes: bool = False) -> Listing:
     root = _require_dir(Path(root).resolve())
     split_dir = root / split
     if not split_dir.is_dir():
@@ -133,10 +148,13 @@ def vggface2_items(root: str | os.PathLike, split: str = "train", bbox: str | No
     box_file = Path(bbox) if bbox else _find(root, [f"loose_bb_{split}.csv"])
     if bbox and not box_file.is_file():
         raise SystemExit(f"error: --bbox {bbox} does not exist")
+    if box_file is None and not allow_no_boxes:
+        raise SystemExit(f"error: no loose_bb_{split}.csv under {root}/bb_landmark, meta or data: give it with "
+                         f"--bbox CSV, or pass --no-bbox to crop centre squares of every image")
     boxes = read_boxes(box_file, skipped) if box_file else {}
     meta_file = _find(root, ["identity_meta.csv"])
     names = read_identity_meta(meta_file) if meta_file else {}
-    rels = _walk_images(split_dir)
+    rels = _walk_images(split_dir, skipped)
     identities = sorted({r.split("/")[0] for r in rels if "/" in r})
     index = {name: i for i, name in enumerate(identities)}
     items = []
@@ -145,7 +163,7 @@ def vggface2_items(root: str | os.PathLike, split: str = "train", bbox: str | No
         name_id = rel.rsplit(".", 1)[0]
         box = boxes.get(name_id)
         items.append(Item(encode_key(rel), str(split_dir / rel), f"{split}/{rel}", names.get(ident, ident),
-                          index.get(ident), box, box_missing=box is None))
+                          index.get(ident), box, box_missing=box is None and box_file is not None, group=ident))
     notes = {"box_file": str(box_file) if box_file else None, "boxes": len(boxes),
              "identities": len(identities), "identity_names": len(names)}
     return Listing(_dedupe(items, skipped), skipped, notes)
@@ -154,7 +172,12 @@ def vggface2_items(root: str | os.PathLike, split: str = "train", bbox: str | No
 def celebahq_items(root: str | os.PathLike, split: str = "all") -> Listing:
     root = _require_dir(Path(root).resolve())
     img_dir = root / "CelebA-HQ-img" if (root / "CelebA-HQ-img").is_dir() else root
-    rels = [r for r in _walk_images(img_dir) if "/" not in r]
+    if split != "all" and split not in SPLITS:
+        raise SystemExit(f"error: --split {split!r}: choose train, val, test or all")
+    rels = _walk_images(img_dir, [])
+    items, skipped = [], [{"input": r, "reason": "outside the corpus layout", "detail": "CelebA-HQ images are numbered "
+                           "files directly in CelebA-HQ-img/"} for r in rels if "/" in r]
+    rels = [r for r in rels if "/" not in r]
     keep = None
     if split != "all":
         mapping = _find(root, ["CelebA-HQ-to-CelebA-mapping.txt"], ("", "meta"))
@@ -172,7 +195,6 @@ def celebahq_items(root: str | os.PathLike, split: str = "all") -> Listing:
             f = line.split()
             if len(f) == 3 and f[0].isdigit() and part.get(f[2]) == SPLITS[split]:
                 keep.add(int(f[0]))
-    items, skipped = [], []
     for rel in rels:
         stem = rel.rsplit(".", 1)[0]
         if keep is not None and not (stem.isdigit() and int(stem) in keep):

@@ -5,6 +5,7 @@ in the same folder and renamed (atomic on POSIX); bucket objects are uploaded wh
 (an object store makes an object visible only once its upload completes)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -49,13 +50,21 @@ class Store:
     def read_json(self, name: str):
         return json.loads(self.read_bytes(name))
 
-    def tmp_file(self, name: str) -> str:
-        """A local temporary path for building `name`: beside the target when local (same filesystem, so the
-        final rename is atomic), else in the system temp folder."""
-        d = os.path.dirname(self.path(name)) if self.local else None
-        if d:
-            os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(name) + ".", dir=d)
+    def tmp_file_path(self, name: str, tmp_dir: str | None = None) -> str:
+        """Where `tmp_file` puts its files for `name` (a folder plus the file-name prefix)."""
+        if self.local:
+            d = os.path.dirname(self.path(name))
+        else:  # bucket output: a local folder per destination, so jobs on one node never collide
+            tag = hashlib.sha256(self.url.encode()).hexdigest()[:12]
+            d = os.path.join(tmp_dir or tempfile.gettempdir(), f"maskdm-upload-{tag}")
+        return os.path.join(d, ".tmp-" + os.path.basename(name) + ".")
+
+    def tmp_file(self, name: str, tmp_dir: str | None = None) -> str:
+        """A new local temporary file for building `name`: beside the target when local (same filesystem, so the
+        final rename is atomic), else in `tmp_dir` (default: the system temp folder)."""
+        prefix = self.tmp_file_path(name, tmp_dir)
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(prefix), dir=os.path.dirname(prefix))
         os.close(fd)
         return tmp
 

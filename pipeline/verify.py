@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing as mp
 import sys
 
 import numpy as np
@@ -60,38 +61,51 @@ def _check_sample(sample: dict, size: int, with_dwt: bool, tol: float, mean_tol:
     return errors
 
 
-def verify(out: str, tol: float = 0.2, mean_tol: float = 0.01, progress: bool = True) -> dict:
+def _verify_shard(args) -> tuple[list[str], int]:
+    out, entry, size, with_dwt, tol, mean_tol = args
+    store, name, errors = Store(out), entry["name"], []
+    try:
+        data = store.read_bytes(name)
+    except FileNotFoundError:
+        return [f"{name}: missing"], 0
+    if len(data) != entry["bytes"]:
+        errors.append(f"{name}: {len(data)} bytes, manifest says {entry['bytes']}")
+    if sha256(data) != entry["sha256"]:
+        errors.append(f"{name}: sha256 differs from the manifest")
+    n = 0
+    try:
+        for sample in iter_samples(data):
+            errors += _check_sample(sample, size, with_dwt, tol, mean_tol)
+            n += 1
+    except Exception as e:  # noqa: BLE001 - a tar that cannot be read to its end is a mismatch
+        errors.append(f"{name}: unreadable after {n} samples: {e}")
+    if n != entry["samples"]:
+        errors.append(f"{name}: {n} samples, manifest says {entry['samples']}")
+    return errors, n
+
+
+def verify(out: str, tol: float = 0.2, mean_tol: float = 0.01, progress: bool = True, workers: int = 1) -> dict:
     """Returns {'shards', 'samples', 'errors': [...]}; errors empty means the set matches its manifest."""
-    store = Store(out)
-    manifest = load_manifest(store)
+    manifest = load_manifest(Store(out))
     cfg = manifest["config"]
-    size, with_dwt = cfg["size"], cfg["dwt"]
+    tasks = [(out, entry, cfg["size"], cfg["dwt"], tol, mean_tol) for entry in manifest["shards"]]
     errors, samples = [], 0
     bar = tqdm(total=manifest["totals"]["samples"], unit="sample", desc="verifying", disable=not progress,
                file=sys.stderr)
-    for entry in manifest["shards"]:
-        name = entry["name"]
-        try:
-            data = store.read_bytes(name)
-        except FileNotFoundError:
-            errors.append(f"{name}: missing")
-            continue
-        if len(data) != entry["bytes"]:
-            errors.append(f"{name}: {len(data)} bytes, manifest says {entry['bytes']}")
-        if sha256(data) != entry["sha256"]:
-            errors.append(f"{name}: sha256 differs from the manifest")
-        n = 0
-        try:
-            for sample in iter_samples(data):
-                errors += _check_sample(sample, size, with_dwt, tol, mean_tol)
-                n += 1
-                bar.update(1)
-        except Exception as e:  # noqa: BLE001 - a tar that cannot be read to its end is a mismatch
-            errors.append(f"{name}: unreadable after {n} samples: {e}")
-        if n != entry["samples"]:
-            errors.append(f"{name}: {n} samples, manifest says {entry['samples']}")
-        samples += n
-    bar.close()
+    if workers > 1 and len(tasks) > 1:
+        pool = mp.get_context("spawn").Pool(min(workers, len(tasks)))
+        results = pool.imap(_verify_shard, tasks)
+    else:
+        pool, results = None, map(_verify_shard, tasks)
+    try:
+        for errs, n in results:  # in shard order, so the report is the same whatever the worker count
+            errors += errs
+            samples += n
+            bar.update(n)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
     if samples != manifest["totals"]["samples"]:
         errors.append(f"total: {samples} samples, manifest says {manifest['totals']['samples']}")
     return {"shards": len(manifest["shards"]), "samples": samples, "errors": errors}
@@ -103,8 +117,9 @@ def main(argv=None) -> None:
     p.add_argument("out", help="shard set: folder or fsspec URL")
     p.add_argument("--dwt-tol", type=float, default=0.2)
     p.add_argument("--dwt-mean-tol", type=float, default=0.01)
+    p.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time (default 1)")
     a = p.parse_args(argv)
-    result = verify(a.out, a.dwt_tol, a.dwt_mean_tol)
+    result = verify(a.out, a.dwt_tol, a.dwt_mean_tol, workers=a.workers)
     for e in result["errors"][:50]:
         print(f"MISMATCH {e}")
     if len(result["errors"]) > 50:

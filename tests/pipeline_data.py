@@ -53,7 +53,7 @@ def bad_inputs(root: Path) -> dict[str, str | None]:
     add("text.png", b"this is not an image at all\n" * 10, "not an image")
     add("cmyk.jpg", jpeg_bytes(Image.fromarray(face).convert("CMYK")), None)
     add("grey.jpg", jpeg_bytes(face[..., 0]), None)
-    add("palette.png", png_bytes(Image.fromarray(face).convert("P")), None)
+    add("palette.png", png_bytes(Image.fromarray(face).convert("P", palette=Image.ADAPTIVE, colors=256)), None)
     rgba = np.dstack([face, np.full(face.shape[:2], 255, np.uint8)])
     rgba[:50, :50, 3] = 0  # a transparent corner -> white
     add("rgba.png", png_bytes(Image.fromarray(rgba, "RGBA")), None)
@@ -90,7 +90,8 @@ def vggface2_tree(root: Path, seed: int = 0) -> Path:
             f'"{names[2]}",5000,5000,50,50',  # entirely outside: skipped
             f'"{names[3]}",abc,1,2,3',        # malformed row: skipped, and the image then has no box
             f'"{names[4]}",40,40,100,110',
-            "garbage line without fields"]    # malformed: skipped (names[5] has no box: fallback)
+            f'"{names[5]}",nan,10,40,40',     # not finite: malformed, and names[5] has no box: fallback
+            "garbage line without fields"]    # malformed: skipped
     write(root / "bb_landmark" / "loose_bb_train.csv", ("\n".join(rows) + "\n").encode())
     meta = ['Class_ID, Name, Sample_Num, Flag, Gender', 'n000001, "Doe, Jane", 3, 1, f',
             'n000002, "Roe, Richard", 3, 1, m']

@@ -1,6 +1,7 @@
 """pipeline: bad inputs counted, determinism across workers, corpus layouts, subsets, parts, verify, preview."""
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -8,11 +9,12 @@ import pytest
 from PIL import Image
 
 from pipeline import merge, preview, verify
-from pipeline.imaging import face_square
+from pipeline.imaging import face_square, haar_dwt_f16, process_image
+from pipeline.synthetic import synthetic_faces
 from pipeline.reader import iter_samples
 from pipeline.schema import decode_dwt, encode_key
 from pipeline.shard import main as shard_main
-from pipeline_data import bad_inputs, celebahq_tree, identity_tree, vggface2_tree
+from pipeline_data import bad_inputs, celebahq_tree, identity_tree, jpeg_bytes, vggface2_tree
 
 
 def shard(*args):
@@ -65,6 +67,54 @@ def test_bad_inputs_are_counted_or_handled(tmp_path):
     assert 145 <= deep.max() <= 165
     for key in map(encode_key, handled):
         assert rgb(got[key]).shape == (256, 256, 3)
+    # converted modes keep their colours: compare with the RGB source, resized the same way
+    face = np.asarray(Image.fromarray(synthetic_faces(1, 200, seed=9)[0]).resize((256, 256), Image.LANCZOS))
+    for name, tol in (("cmyk.jpg", 12), ("palette.png", 12), ("dup.jpg", 6)):
+        assert np.abs(rgb(got[encode_key(f"odd/{name}")]).astype(int) - face).mean() < tol, name
+    grey = rgb(got[encode_key("odd/grey.jpg")]).astype(int)
+    assert np.abs(grey[..., 0] - face[..., 0]).mean() < 6 and (grey[..., 0] == grey[..., 2]).all()
+
+
+def test_crop_geometry_marker_and_edge_padding():
+    """A face box selects exactly its square (box_scale 1); where the square leaves the image the edge pixels
+    are repeated, never black."""
+    img = np.full((400, 400, 3), 128, np.uint8)
+    img[180:220, 180:220] = (255, 0, 0)  # marker in the middle of box (170, 170, 60, 60)
+    img[:, 380:] = (0, 0, 255)           # a blue right edge
+    data = jpeg_bytes(img, quality=98)
+    crop = np.asarray(Image.open(io.BytesIO(process_image(data, box=(170, 170, 60, 60), box_scale=1.0).jpg)))
+    crop = crop.astype(int)
+    assert crop[128, 128, 0] > 220 and crop[128, 128, 1] < 40  # marker centre
+    assert abs(crop[10, 10] - 128).max() < 12                  # grey margin around it
+    assert crop[60, 128, 0] > 220 and crop[30, 128, 0] < 160   # marker spans 10..50 of 60 px -> 43..213 of 256
+    edge = np.asarray(Image.open(io.BytesIO(process_image(data, box=(370, 100, 60, 60), box_scale=1.0).jpg)))
+    assert edge[:, 200:, 2].min() > 200 and edge[:, 200:, 0].max() < 60  # columns 400..430: padded blue
+
+
+def test_dct_scaled_decode_matches_full_decode():
+    """A 1600 px JPEG is decoded at 1/4 scale (400 px) before the final LANCZOS to 256: the result must match a
+    full-size decode + LANCZOS (same crop) to within JPEG-level differences."""
+    big = synthetic_faces(1, 1600, seed=4)[0]
+    data = jpeg_bytes(big, quality=95)
+    ours = np.asarray(Image.open(io.BytesIO(process_image(data).jpg))).astype(int)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((256, 256), Image.LANCZOS)).astype(int)
+    assert np.abs(ours - ref).mean() < 2.0
+    off = np.asarray(Image.open(io.BytesIO(process_image(data, box=(500, 400, 500, 600)).jpg))).astype(int)
+    side = 1.3 * 600
+    l, t = 750 - side / 2, 700 - side / 2
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").crop((round(l), round(t), round(l + side),
+                                                                        round(t + side))).resize((256, 256)))
+    assert np.abs(off - ref.astype(int)).mean() < 3.0
+
+
+def test_pipeline_dwt_equals_pywt():
+    import pywt
+
+    crop = synthetic_faces(1, 64, seed=5)[0]
+    x = crop.astype(np.float64) / 255
+    ref = np.concatenate([np.stack(b) for b in zip(*[
+        (lambda c: (c[0], *c[1]))(pywt.dwt2(x[..., ch], "haar")) for ch in range(3)])])  # [cA RGB, cH RGB, ...]
+    assert np.array_equal(haar_dwt_f16(crop), ref.astype(np.float16))
 
 
 def test_strict_stops_at_the_first_bad_input(tmp_path):
@@ -111,7 +161,7 @@ def test_vggface2_layout_boxes_and_identities(tmp_path):
     shard("vggface2", "--src", src, "--out", out, "--split", "train")
     m = manifest(out)
     got = samples(out)
-    assert m["skipped_by_reason"] == {"box outside image": 1, "malformed CSV row": 2}
+    assert m["skipped_by_reason"] == {"box outside image": 1, "malformed CSV row": 3}
     assert m["totals"]["box_fallback"] == 2 and m["totals"]["samples"] == 5
     first = json.loads(got[encode_key("n000001/0001_01")]["json"])
     assert first["box"] == [60, 50, 80, 100]
@@ -122,6 +172,45 @@ def test_vggface2_layout_boxes_and_identities(tmp_path):
     padded = rgb(got[encode_key("n000001/0002_01")])  # box runs past the bottom-right corner: edge-padded
     assert padded.shape == (256, 256, 3)
     assert m["source_notes"]["identities"] == 2 and m["source_notes"]["identity_names"] == 2
+    (src / "bb_landmark" / "loose_bb_train.csv").unlink()
+    with pytest.raises(SystemExit, match="--no-bbox"):
+        shard("vggface2", "--src", src, "--out", tmp_path / "nobox")
+    shard("vggface2", "--src", src, "--out", tmp_path / "nobox", "--no-bbox")
+    assert manifest(tmp_path / "nobox")["totals"] == {**manifest(tmp_path / "nobox")["totals"], "samples": 6,
+                                                        "box_fallback": 0}
+
+
+def test_sliver_box_is_skipped_not_fatal(tmp_path):
+    """A square that touches the image by less than a pixel after rounding is 'box outside image'."""
+    data = jpeg_bytes(synthetic_faces(1, 400)[0])
+    from pipeline.imaging import BadInput
+
+    with pytest.raises(BadInput, match="box outside image"):
+        process_image(data, box=(-45.7, 10, 40, 40))
+
+
+def test_unreadable_folder_is_counted(tmp_path, monkeypatch):
+    src = identity_tree(tmp_path / "src", identities=3, per_identity=2, size=64)
+    real_scandir = os.scandir
+
+    def flaky(path="."):
+        if str(path).endswith("id001"):
+            raise OSError(5, "Input/output error", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", flaky)
+    shard("folder", "--src", src, "--out", tmp_path / "out", "--no-dwt")
+    m = manifest(tmp_path / "out")
+    assert m["totals"]["samples"] == 4
+    assert [(x["input"], x["reason"]) for x in m["skipped"]] == [("id001/", "unreadable file")]
+
+
+@pytest.mark.parametrize("flags,message", [(["--count", "0"], "--count 0"), (["--limit", "-2"], "--limit -2"),
+                                           (["--fraction", "1.5"], "--fraction")])
+def test_bad_numbers_are_refused(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        shard("folder", "--src", tmp_path, "--out", tmp_path / "o", *flags)
+    assert message in capsys.readouterr().err
 
 
 def test_celebahq_official_partition(tmp_path):
@@ -177,7 +266,7 @@ def test_rerun_skips_complete_shards_and_refuses_other_flags(tmp_path, capsys):
     shard("folder", "--src", src, "--out", out, "--shard-size", 2)
     assert "2 already complete" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == before
-    with pytest.raises(SystemExit, match="other inputs or flags"):
+    with pytest.raises(SystemExit, match="other inputs, flags or software versions"):
         shard("folder", "--src", src, "--out", out, "--shard-size", 2, "--size", 128)
 
 

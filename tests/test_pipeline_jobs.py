@@ -23,7 +23,7 @@ def files(out):
 
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     src = identity_tree(tmp_path / "src", identities=8, per_identity=8, size=600)  # 64 images, 32 shards
-    flags = ["folder", "--src", src, "--shard-size", 2]
+    flags = ["folder", "--src", src, "--shard-size", 2, "--workers", 2]
     ref = cli("pipeline.shard", *flags, "--out", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "out"
@@ -41,9 +41,11 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     for name, data in files(out).items():  # whatever is visible under a final name is complete and correct
         if name.endswith(".tar"):
             assert data == reference[name], f"{name} is visible but differs from the uninterrupted run"
+    time.sleep(0.5)  # the pool workers die with their parent (PR_SET_PDEATHSIG): let them go
+    done = len(list((out / ".state").glob("shard-*.json")))
     rerun = cli("pipeline.shard", *flags, "--out", out)
     assert rerun.returncode == 0, rerun.stderr
-    assert "already complete" in rerun.stderr
+    assert f"owns 32, {done} already complete" in rerun.stderr
     assert files(out) == reference  # same shards, same manifest; temporary files cleaned up
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
 
@@ -62,13 +64,21 @@ def test_shard_to_s3_verify_and_preview(tmp_path, s3_server):
     assert names == [".state", "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     for name, data in files(tmp_path / "local").items():  # the bucket holds exactly what a local run makes
         assert fs.cat(f"test-bucket/faces/v1/{name}") == data
-    check = cli("pipeline.verify", url)
+    check = cli("pipeline.verify", url, "--workers", 2)
     assert check.returncode == 0 and "6 samples: OK" in check.stdout, check.stdout + check.stderr
     png = tmp_path / "grid.png"
     assert cli("pipeline.preview", url, "--n", 4, "--out", png).returncode == 0 and png.stat().st_size > 0
     fs.rm("test-bucket/faces/v1/shard-000001.tar")
     broken = cli("pipeline.verify", url)
     assert broken.returncode == 1 and "shard-000001.tar: missing" in broken.stdout
+
+
+def test_strict_with_workers_stops_instead_of_hanging(tmp_path):
+    src = identity_tree(tmp_path / "src", identities=2, per_identity=3, size=64)
+    (src / "id001" / "empty.jpg").write_bytes(b"")
+    r = cli("pipeline.shard", "folder", "--src", src, "--out", tmp_path / "o", "--shard-size", 2, "--workers", 2,
+            "--strict")
+    assert r.returncode == 1 and "empty.jpg: empty file" in r.stderr
 
 
 def test_cli_errors_name_the_flag(tmp_path):
