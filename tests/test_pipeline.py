@@ -341,3 +341,17 @@ def test_real_faces_folder(tmp_path):
     shard("folder", "--src", src, "--out", tmp_path / "out", "--shard-size", 8)
     assert manifest(tmp_path / "out")["totals"]["samples"] == 24
     assert verify.verify(str(tmp_path / "out"), progress=False)["errors"] == []
+    # the same faces in VGGFace2's layout with a generated loose-box file (LFW faces sit mid-frame)
+    vgg = tmp_path / "vgg"
+    rows = ["NAME_ID,X,Y,W,H"]
+    for p in sorted((src / "lfw-deepfunneled").rglob("*.jpg")):
+        rel = p.relative_to(src / "lfw-deepfunneled")
+        (vgg / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (vgg / "train" / rel).write_bytes(p.read_bytes())
+        rows.append(f'"{rel.with_suffix("").as_posix()}",75,62,100,124')
+    (vgg / "bb_landmark").mkdir()
+    (vgg / "bb_landmark" / "loose_bb_train.csv").write_text("\n".join(rows) + "\n")
+    shard("vggface2", "--src", vgg, "--out", tmp_path / "vout", "--shard-size", 8)
+    m = manifest(tmp_path / "vout")
+    assert m["totals"]["samples"] == 24 and m["totals"]["box_fallback"] == 0 and m["skipped"] == []
+    assert verify.verify(str(tmp_path / "vout"), progress=False)["errors"] == []
