@@ -143,9 +143,9 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def _load(im: Image.Image, crop_fraction: float, size: int) -> Image.Image:
+def _load(im: Image.Image, crop_fraction: float, size: int, oriented: bool) -> Image.Image:
     """Decode, with DCT scaling (JPEG) so that a crop covering `crop_fraction` of the shorter side keeps at least
-    `size` px; then apply the EXIF orientation."""
+    `size` px; then apply the EXIF orientation if there is one (`oriented`)."""
     if im.format == "JPEG":
         W, H = im.size
         scale = min(W, H) * crop_fraction / size  # > 1: the crop has more pixels than we keep
@@ -155,6 +155,8 @@ def _load(im: Image.Image, crop_fraction: float, size: int) -> Image.Image:
         im.load()
     except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken tables
         raise BadInput("truncated or corrupt image", str(e)) from None
+    if not oriented:
+        return im
     try:
         return ImageOps.exif_transpose(im)
     except Exception as e:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
@@ -168,9 +170,10 @@ def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = 
     """Source bytes -> CropResult. `box` (x, y, w, h) in displayed-image pixels, or None for a centre square."""
     im = _open(data, max_pixels)
     try:
-        rotated = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        orientation = im.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - unreadable EXIF: treat as unrotated
-        rotated = False
+        orientation = 1
+    rotated = orientation in (5, 6, 7, 8)
     W, H = (im.height, im.width) if rotated else im.size  # the size as displayed
     if box is not None:
         square = face_square(box, box_scale)
@@ -182,7 +185,7 @@ def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = 
     side = square[2] - square[0]
     if side < min_side:
         raise BadInput("too small", f"crop side {side:.0f} px < {min_side} px (image {W}x{H})")
-    im = _load(im, side / min(W, H), size)
+    im = _load(im, side / min(W, H), size, oriented=orientation not in (None, 1))
     # map the square into the decoded image (DCT scaling: 1, 1/2, 1/4 or 1/8, per axis after libjpeg's rounding)
     rx, ry = im.size[0] / W, im.size[1] / H
     l, t, r, b = square
