@@ -85,15 +85,24 @@ def _require_dir(root: Path, flag: str = "--src") -> Path:
     return root
 
 
+def _identity(rel: str) -> str | None:
+    """The identity of an image: its first folder level (None for images at the root)."""
+    return rel.split("/")[0] if "/" in rel else None
+
+
+def _identity_index(rels: list[str]) -> dict[str, int]:
+    """Identity folder -> `cls` index: its position among the sorted folder names."""
+    return {name: i for i, name in enumerate(sorted({_identity(r) for r in rels} - {None}))}
+
+
 def folder_items(root: str | os.PathLike) -> Listing:
     root = _require_dir(Path(root).resolve())
     skipped: list[dict] = []
     rels = _walk_images(root, skipped)
-    identities = sorted({r.split("/")[0] for r in rels if "/" in r})
-    index = {name: i for i, name in enumerate(identities)}
+    index = _identity_index(rels)
     items = []
     for rel in rels:
-        ident = rel.split("/")[0] if "/" in rel else None
+        ident = _identity(rel)
         items.append(Item(encode_key(rel), str(root / rel), rel, ident, index.get(ident), group=ident))
     return Listing(_dedupe(items, skipped), skipped)
 
@@ -155,17 +164,16 @@ def vggface2_items(root: str | os.PathLike, split: str = "train", bbox: str | No
     meta_file = _find(root, ["identity_meta.csv"])
     names = read_identity_meta(meta_file) if meta_file else {}
     rels = _walk_images(split_dir, skipped)
-    identities = sorted({r.split("/")[0] for r in rels if "/" in r})
-    index = {name: i for i, name in enumerate(identities)}
+    index = _identity_index(rels)
     items = []
     for rel in rels:
-        ident = rel.split("/")[0] if "/" in rel else None
+        ident = _identity(rel)
         name_id = rel.rsplit(".", 1)[0]
         box = boxes.get(name_id)
         items.append(Item(encode_key(rel), str(split_dir / rel), f"{split}/{rel}", names.get(ident, ident),
                           index.get(ident), box, box_missing=box is None and box_file is not None, group=ident))
     notes = {"box_file": str(box_file) if box_file else None, "boxes": len(boxes),
-             "identities": len(identities), "identity_names": len(names)}
+             "identities": len(index), "identity_names": len(names)}
     return Listing(_dedupe(items, skipped), skipped, notes)
 
 
