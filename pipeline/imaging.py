@@ -33,7 +33,7 @@ DEFAULT_MIN_SIDE = 32        # skip sources whose crop square is smaller than th
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 9459 x 9459)
 
 __all__ = ["BadInput", "CropResult", "process_image", "face_square", "centre_square", "haar_dwt_uint8", "haar_dwt_f16",
-           "haar_idwt_to_uint8",
+           "haar_idwt_to_uint8", "image_grid",
            "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS"]
 
 
@@ -108,6 +108,20 @@ def haar_idwt_to_uint8(bands: np.ndarray) -> np.ndarray:
     return np.clip(x.transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
+def image_grid(images, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(B, H, W, 3) uint8 images -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) picture on white, in rows of
+    `nrow` (default: a square-ish grid)."""
+    images = np.asarray(images)
+    B, H, W, _ = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = im
+    return grid
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "RGB":
         return im
@@ -160,7 +174,7 @@ def _load(im: Image.Image, crop_fraction: float, size: int, oriented: bool) -> I
     try:
         return ImageOps.exif_transpose(im)
     except Exception as e:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
-        warnings.warn(f"ignoring unreadable EXIF orientation: {e}")
+        warnings.warn(f"ignoring unreadable EXIF orientation: {e}", stacklevel=2)
         return im
 
 

@@ -8,28 +8,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline.imaging import haar_idwt_to_uint8
+from pipeline.imaging import haar_idwt_to_uint8, image_grid
 from pipeline.reader import iter_samples, load_manifest
 from pipeline.schema import decode_dwt
 from pipeline.store import Store
-
-
-def _grid(images: list[np.ndarray], pad: int = 2) -> np.ndarray:
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    H, W, _ = images[0].shape
-    grid = np.full((rows * (H + pad) + pad, cols * (W + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = im
-    return grid
 
 
 def preview(out: str, n: int = 64, path: str = "grid.png") -> Path:
@@ -48,8 +35,8 @@ def preview(out: str, n: int = 64, path: str = "grid.png") -> Path:
             break
     if not crops:
         raise SystemExit(f"error: {out} holds no samples")
-    left = _grid(crops)
-    picture = np.concatenate([left, np.full((left.shape[0], 8, 3), 255, np.uint8), _grid(recons)], axis=1) \
+    left = image_grid(crops)
+    picture = np.concatenate([left, np.full((left.shape[0], 8, 3), 255, np.uint8), image_grid(recons)], axis=1) \
         if recons else left
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path)

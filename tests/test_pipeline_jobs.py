@@ -1,13 +1,10 @@
 """pipeline as users run it: real processes, a SIGKILL mid-job, and a real S3 endpoint on 127.0.0.1."""
-import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
-import pytest
 
 from pipeline_data import identity_tree
 

@@ -1,12 +1,12 @@
 """Model outputs -> viewable images: DWT/pixel space to uint8 RGB, and PNG grids."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.imaging import image_grid
 from trainer.dwt import denormalize_bands, idwt2
 
 __all__ = ["to_rgb_uint8", "save_grid"]
@@ -29,15 +29,7 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | N
     """(B, H, W, 3) uint8 -> one PNG with the images in rows of `nrow` (default: a square-ish grid)."""
     from PIL import Image
 
-    images = np.asarray(images)
-    B, H, W, _ = images.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
-    rows = math.ceil(B / nrow)
-    grid = np.full((rows * (H + pad) + pad, nrow * (W + pad) + pad, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = im
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    Image.fromarray(image_grid(np.asarray(images), nrow, pad)).save(path)
     return path
