@@ -1,0 +1,199 @@
+"""Shard sets -> model inputs: sources, bucket access for webdataset, sample decoding and device batching.
+
+Part 1 of the streaming loader (issue 4). What is here is independent of how the stream is split and ordered:
+- `register_fsspec_schemes()`: webdataset 1.0 opens `s3://`, `gs://`, ... URLs through fsspec (one filesystem per
+  process, retries with exponential backoff on transient errors) instead of `pipe:` subprocesses (DESIGN.md).
+- `list_shards(source)`: a shard-set folder or URL (its manifest.json gives the shards and their sample counts),
+  a brace pattern (`dir/shard-{000000..000099}.tar`), or one `.tar`.
+- `decode_sample`: a grouped tar sample -> {"dwt": (12, h, w) float16} when the set stores `dwt.f16` and the model
+  runs in DWT mode, else {"img": (3, H, W) uint8} (resized for pixel mode). Horizontal flips are applied here:
+  in DWT space a flip reverses every band along the width and negates cV and cD (a <-> b, c <-> d in each
+  2x2 block), so both shard kinds flip identically.
+- `collate` + `to_model_input`: a batch may mix both kinds (sets with and without `dwt.f16`); on the device,
+  images get their DWT computed in one batched call (`trainer.dwt.dwt2`), so `--no-dwt` shards train identically
+  up to JPEG rounding. Normalisation (cA -> 2cA - 1, pixels -> [-1, 1]) happens there too.
+- `SkipCounter`: corrupt samples and shards are counted by reason, with rate-limited warnings, never raised.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.reader import load_manifest, split_member
+from pipeline.schema import decode_dwt
+from pipeline.store import Store
+from trainer.dwt import dwt2, normalize_bands
+
+__all__ = ["FSSPEC_SCHEMES", "register_fsspec_schemes", "Shard", "list_shards", "group_samples", "decode_sample",
+           "flip_dwt", "collate", "to_model_input", "SkipCounter", "INPUT_MODES"]
+
+log = logging.getLogger(__name__)
+FSSPEC_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+INPUT_MODES = ("dwt", "pixel")
+
+
+# --- bucket access ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _filesystem(protocol: str, pid: int):
+    """One fsspec filesystem per (protocol, process): DataLoader workers never share a client or its sockets."""
+    import fsspec
+
+    return fsspec.filesystem(protocol, skip_instance_cache=True)
+
+
+RETRIES = Counter()  # transient open errors retried, per process (reported by the loader's summary)
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, *, retries: int = 5, backoff: float = 0.5,
+                  block_size: int = 8 << 20, **kw):
+    """webdataset `gopen` handler: a sequential-read file object for a bucket URL, with retries on transient
+    errors (exponential backoff from `backoff` seconds). Missing objects and refused credentials fail at once."""
+    if mode != "rb":
+        raise ValueError(f"{url}: the fsspec handler only reads (mode 'rb'), got {mode!r}")
+    protocol, path = url.split("://", 1)
+    for attempt in range(retries + 1):
+        try:
+            return _filesystem(protocol, os.getpid()).open(path, "rb", block_size=block_size)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as e:
+            if attempt == retries:
+                raise
+            RETRIES[protocol] += 1
+            log.warning("retrying %s after %s (attempt %d of %d)", url, e, attempt + 1, retries)
+            time.sleep(backoff * 2 ** attempt)
+
+
+def register_fsspec_schemes(retries: int = 5, backoff: float = 0.5) -> None:
+    """Route webdataset's bucket URLs through fsspec. Call once per process before building the dataset (no
+    import-time side effects); DataLoader workers started with "spawn" must call it again (`worker_init_fn`)."""
+    from webdataset.gopen import gopen_schemes
+
+    for scheme in FSSPEC_SCHEMES:
+        gopen_schemes[scheme] = functools.partial(_gopen_fsspec, retries=retries, backoff=backoff)
+
+
+# --- shard lists -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None  # from the manifest; None when the source is a bare pattern
+
+
+def list_shards(source: str) -> list[Shard]:
+    """Shards of one source: a shard-set folder/URL (with manifest.json), a brace pattern, or a single tar."""
+    from braceexpand import braceexpand
+
+    if "{" in source:
+        return [Shard(url, None) for url in braceexpand(source)]
+    if source.endswith(".tar"):
+        return [Shard(source, None)]
+    store = Store(source)
+    manifest = load_manifest(store)
+    base = store.root if store.local else store.url
+    return [Shard(f"{base}/{entry['name']}", entry["samples"]) for entry in manifest["shards"]]
+
+
+# --- samples ---------------------------------------------------------------------------------------------------
+
+def group_samples(members, skips: "SkipCounter", url: str = ""):
+    """webdataset's `tar_file_iterator` records ({"fname", "data"}) -> sample dicts {"__key__", ext: bytes}.
+    Members are grouped by key as they come (the pipeline writes a sample's members together)."""
+    current = None
+    try:
+        for member in members:
+            key, ext = split_member(member["fname"])
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = member["data"]
+    except Exception as e:  # noqa: BLE001 - a truncated or unreadable shard ends that shard, not the run
+        skips.count("unreadable shard", f"{url}: {e}")
+    if current is not None:
+        yield current
+
+
+def flip_dwt(bands: torch.Tensor) -> torch.Tensor:
+    """The DWT of the horizontally flipped image, from the DWT (..., 12, h, w): every band reversed along the
+    width, cV and cD (channels 6..11) negated."""
+    out = bands.flip(-1)
+    out[..., 6:12, :, :] = -out[..., 6:12, :, :]
+    return out
+
+
+def decode_sample(sample: dict, mode: str, resolution: int | None = None, flip: bool = False) -> dict:
+    """One tar sample -> {"dwt": (12, h, w) float16} or {"img": (3, H, W) uint8}, plus "key". Raises on a corrupt
+    sample (the caller counts it). `resolution`: pixel-mode side (crops are resized to it when they differ)."""
+    if mode not in INPUT_MODES:
+        raise ValueError(f"unknown input mode {mode!r}; choose one of {INPUT_MODES}")
+    key = sample["__key__"]
+    if mode == "dwt" and "dwt.f16" in sample:
+        n = int(np.sqrt(len(sample["dwt.f16"]) // (2 * 12)))
+        bands = torch.from_numpy(decode_dwt(sample["dwt.f16"], 2 * n).copy())
+        return {"key": key, "dwt": flip_dwt(bands) if flip else bands}
+    im = Image.open(io.BytesIO(sample["jpg"]))
+    im = im.convert("RGB")
+    if mode == "pixel" and resolution and im.size != (resolution, resolution):
+        im = im.resize((resolution, resolution), Image.LANCZOS)
+    img = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+    return {"key": key, "img": img.flip(-1) if flip else img}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Decoded samples -> {"dwt": (Bd, 12, h, w) float16, "img": (Bi, 3, H, W) uint8, "keys": [...]} (a kind
+    present only if some sample has it; keys ordered dwt samples first, then images, matching `to_model_input`)."""
+    dwt = [s["dwt"] for s in samples if "dwt" in s]
+    img = [s["img"] for s in samples if "img" in s]
+    batch = {"keys": [s["key"] for s in samples if "dwt" in s] + [s["key"] for s in samples if "img" in s]}
+    if dwt:
+        batch["dwt"] = torch.stack(dwt)
+    if img:
+        batch["img"] = torch.stack(img)
+    return batch
+
+
+def to_model_input(batch: dict, mode: str, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A collated batch -> the model's x0 on `device`: DWT mode (B, 12, h, w) with cA -> 2cA - 1; pixel mode
+    (B, 3, H, W) in [-1, 1]. Image-only samples in DWT mode get their DWT here, batched, on the device."""
+    parts = []
+    if "dwt" in batch:
+        parts.append(normalize_bands(batch["dwt"].to(device, non_blocking=True).float()))
+    if "img" in batch:
+        img = batch["img"].to(device, non_blocking=True).float() / 255
+        parts.append(normalize_bands(dwt2(img)) if mode == "dwt" else img * 2 - 1)
+    if not parts:
+        raise ValueError("empty batch")
+    return torch.cat(parts).to(dtype)
+
+
+# --- bad data --------------------------------------------------------------------------------------------------
+
+class SkipCounter:
+    """Counts skipped samples/shards by reason; warns at most once every `every` seconds (with the totals)."""
+
+    def __init__(self, every: float = 30.0):
+        self.counts: Counter = Counter()
+        self.every, self._last = every, -float("inf")
+
+    def count(self, reason: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            log.warning("skipped %s (%s); totals so far: %s", reason, detail[:200], dict(self.counts))
+
+    def total(self) -> int:
+        return sum(self.counts.values())
