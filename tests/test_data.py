@@ -1,5 +1,4 @@
 """trainer.data (part 1): shard lists, bucket access through webdataset, decoding, flips, device batching."""
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
