@@ -1,0 +1,199 @@
+"""The training stream: shards -> per-(rank, worker) sample streams -> micro-batches, resumable exactly.
+
+Slots. With `world` ranks and `W` DataLoader workers per rank there are S = world * W slots; logical worker w of
+rank r is slot r * W + w. Each slot reads a deterministic sequence of *chunks*; chunk c is a pure function of
+(seed, slot, c):
+- order "exact" (fine-tuning sets, evaluation): epoch e permutes all shards with seed (seed, e); slot s takes
+  shards s, s+S, s+2S, ... of that order, `shards_per_chunk` at a time. Every sample of the set is seen exactly once
+  per epoch across all slots. A set with fewer shards than slots is split by sample instead (every slot reads the
+  epoch's shards and keeps samples i with i % S == s): still exactly once, at the cost of reading more.
+- order "resampled" (pre-training): each chunk draws `shards_per_chunk` shards with replacement, a source first
+  (by the mixing weights), then a shard of it; infinite, never in lockstep across slots.
+Inside a chunk the shards are read interleaved through a shuffle buffer that is drained at the chunk's end, so a
+chunk's sample order is also a pure function of (seed, slot, c): resuming needs only (chunk, samples taken) per
+slot, not the buffer. Flips are drawn per sample from the chunk's seed.
+
+Position. Each batch carries `pos` = (logical worker, chunk, samples of that chunk consumed after this batch).
+`StreamPosition.update(batch)` after each trained batch records it, with the number of batches consumed; a
+resumed stream starts every slot at its recorded place and rotates the workers so that torch's round-robin
+delivers the same next batch (batch i comes from logical worker i mod W). Replay cost: at most one chunk per slot.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+
+from trainer.data import (INPUT_MODES, SkipCounter, collate, decode_sample, group_samples, list_shards,
+                          register_fsspec_schemes)
+
+__all__ = ["StreamConfig", "StreamPosition", "ShardStream", "ORDERS"]
+
+ORDERS = ("resampled", "exact")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    sources: tuple[str, ...]              # shard sets (folders/URLs with manifest.json), brace patterns, tars
+    weights: tuple[float, ...] | None = None  # mixing weights of the sources (resampled order)
+    mode: str = "dwt"                     # model input: "dwt" or "pixel"
+    resolution: int | None = None         # pixel mode: side of the model input (crops resized to it)
+    order: str = "resampled"
+    batch_size: int = 32                  # per rank (the micro-batch)
+    shards_per_chunk: int = 4
+    buffer: int = 1000                    # shuffle buffer, in samples
+    flip: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if not self.sources:
+            raise ValueError("no data sources: give at least one shard set")
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+            if len(self.weights) != len(self.sources) or min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ValueError(f"weights {self.weights} must be one non-negative number per source "
+                                 f"({len(self.sources)}), not all zero")
+        if self.mode not in INPUT_MODES:
+            raise ValueError(f"unknown input mode {self.mode!r}; choose one of {INPUT_MODES}")
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown stream order {self.order!r}; choose one of {ORDERS}")
+        if self.batch_size < 1 or self.shards_per_chunk < 1 or self.buffer < 1:
+            raise ValueError("batch_size, shards_per_chunk and buffer must be >= 1")
+
+
+@dataclass
+class StreamPosition:
+    """Where each logical worker of one rank stands: {worker: (chunk, samples consumed)}, and batches consumed."""
+    chunks: dict[int, tuple[int, int]] = field(default_factory=dict)
+    batches: int = 0
+
+    def update(self, batch: dict) -> None:
+        worker, chunk, taken = batch["pos"]
+        self.chunks[worker] = (chunk, taken)
+        self.batches += 1
+
+    def state_dict(self) -> dict:
+        return {"chunks": {str(k): list(v) for k, v in self.chunks.items()}, "batches": self.batches}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "StreamPosition":
+        return cls({int(k): (int(v[0]), int(v[1])) for k, v in d["chunks"].items()}, int(d["batches"]))
+
+
+class ShardStream(IterableDataset):
+    """Infinite micro-batches for one rank. Use with `DataLoader(stream, batch_size=None, num_workers=W)` and the
+    same W given here."""
+
+    def __init__(self, cfg: StreamConfig, rank: int = 0, world: int = 1, num_workers: int = 0,
+                 start: StreamPosition | None = None):
+        super().__init__()
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.W = max(1, num_workers)
+        self.start = start or StreamPosition()
+        self.sources = [list_shards(s) for s in cfg.sources]
+        for src, shards in zip(cfg.sources, self.sources):
+            if not shards:
+                raise ValueError(f"data source {src} has no shards")
+        self.all_shards = [sh for shards in self.sources for sh in shards]
+
+    # -- which raw samples chunk c of a slot holds, in order --------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> list:
+        perm = np.random.default_rng([self.cfg.seed, epoch, 7]).permutation(len(self.all_shards))
+        return [self.all_shards[i] for i in perm]
+
+    def _chunk_plan(self, slot: int, S: int, c: int) -> tuple[list, int | None, int]:
+        """(shards to read, sample-split stride or None, epoch) of chunk c."""
+        cfg, n = self.cfg, len(self.all_shards)
+        if cfg.order == "resampled":
+            rng = np.random.default_rng([cfg.seed, slot, c, 0])
+            p = np.asarray(cfg.weights or [1.0] * len(self.sources), dtype=np.float64)
+            picks = rng.choice(len(self.sources), size=cfg.shards_per_chunk, p=p / p.sum())
+            return [self.sources[i][rng.integers(len(self.sources[i]))] for i in picks], None, 0
+        if n < S:  # fewer shards than slots: one chunk per epoch, split by sample
+            return self._epoch_order(c), S, c
+        per_epoch = math.ceil(len(range(slot, n, S)) / cfg.shards_per_chunk)
+        epoch, ci = divmod(c, per_epoch)
+        mine = self._epoch_order(epoch)[slot::S]
+        return mine[ci * cfg.shards_per_chunk:(ci + 1) * cfg.shards_per_chunk], None, epoch
+
+    def _chunk_samples(self, slot: int, c: int, plan: tuple, skips: SkipCounter):
+        from webdataset.gopen import gopen
+        from webdataset.tariterators import tar_file_iterator
+
+        shards, stride, _ = plan
+        rng = np.random.default_rng([self.cfg.seed, slot, c, 1])
+
+        def read(url):
+            try:
+                with gopen(url) as stream:
+                    yield from group_samples(tar_file_iterator(stream), skips, url)
+            except Exception as e:  # noqa: BLE001 - an unreachable shard is counted, the stream goes on
+                skips.count("unreadable shard", f"{url}: {e}")
+
+        if stride is not None:  # sample split: every slot walks the same sequence, keeps its residue class
+            index = 0
+            for sh in shards:
+                for sample in read(sh.url):
+                    if index % stride == slot:
+                        yield sample
+                    index += 1
+            return
+        streams, buffer = [read(sh.url) for sh in shards], []
+        while streams:
+            i = int(rng.integers(len(streams)))
+            try:
+                buffer.append(next(streams[i]))
+            except StopIteration:
+                streams.pop(i)
+                continue
+            if len(buffer) >= self.cfg.buffer:
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                yield buffer.pop()
+        rng.shuffle(buffer)
+        yield from buffer
+
+    # -- the iterator ---------------------------------------------------------------------------------------
+
+    def __iter__(self):
+        register_fsspec_schemes()
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.W:
+            raise RuntimeError(f"ShardStream was built for {self.W} workers but the DataLoader runs "
+                               f"{info.num_workers}: pass the same num_workers to both")
+        logical = (physical + self.start.batches) % self.W
+        slot, S = self.rank * self.W + logical, self.world * self.W
+        c, skip = self.start.chunks.get(logical, (0, 0))
+        skips, batch, empty = SkipCounter(), [], 0
+        while True:
+            plan = self._chunk_plan(slot, S, c)
+            flips = np.random.default_rng([self.cfg.seed, slot, c, 2])
+            taken = 0
+            for j, raw in enumerate(self._chunk_samples(slot, c, plan, skips)):
+                flip = self.cfg.flip and flips.random() < 0.5
+                if j < skip:
+                    continue
+                taken = j + 1
+                try:
+                    batch.append(decode_sample(raw, self.cfg.mode, self.cfg.resolution, flip))
+                except Exception as e:  # noqa: BLE001 - corrupt sample: counted, skipped
+                    skips.count("corrupt sample", f"{raw.get('__url__')}: {raw.get('__key__')}: {e}")
+                    continue
+                if len(batch) == self.cfg.batch_size:
+                    out = collate(batch)
+                    out["pos"] = (logical, c, taken)
+                    out["epoch"] = plan[2]
+                    out["skipped"] = dict(skips.counts)
+                    yield out
+                    batch = []
+            empty = empty + 1 if taken == 0 and skip == 0 else 0
+            if empty >= 8:  # never spin silently on unreadable data
+                raise RuntimeError(f"rank {self.rank} worker {logical}: no readable sample in 8 chunks in a row "
+                                   f"(skipped so far: {dict(skips.counts)}); check the data sources "
+                                   f"{list(self.cfg.sources)}")
+            c, skip = c + 1, 0
