@@ -1,0 +1,156 @@
+"""The training loop for masked pre-training and fine-tuning, written out (nanoGPT style, DeepSpeed calls in view):
+
+    load batch -> mask -> MSM loss -> engine.backward -> engine.step   (x gradient accumulation)
+    -> EMA (only if engine.was_step_applied()) -> log -> checkpoint
+
+One call, `training_loop(cfg, ds_config=..., run_dir=...)`, from the thin CLIs `trainer/pretrain.py` and
+`trainer/finetune.py`, launched by `deepspeed`. Progress is counted in optimiser steps and images, never epochs.
+Checkpoints (`engine.save_checkpoint`) carry the client state needed to continue exactly: step, EMA, each rank's
+stream position and RNG state, and the resolved config.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from trainer.config import ExperimentConfig, batch_arithmetic
+from trainer.data import to_model_input
+from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
+from trainer.ema import EMA
+from trainer.masking import visible_indices
+from trainer.models import build_model
+from trainer.stream import ShardStream, StreamConfig, StreamPosition
+
+__all__ = ["training_loop", "param_groups"]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on biases, norms, q/v biases and the positional embedding."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _gather(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path, resume: str = "auto",
+                  until_step: int | None = None, init_model=None, log=print) -> dict:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # --- distributed set-up and batch arithmetic ------------------------------------------------------------
+    deepspeed.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accumulation = batch_arithmetic(cfg.train.global_batch, cfg.train.micro_batch, world)
+    ds = {**ds_config, "train_batch_size": cfg.train.global_batch,
+          "train_micro_batch_size_per_gpu": cfg.train.micro_batch, "gradient_accumulation_steps": accumulation}
+    run_dir, ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    # --- model, optimiser, engine, EMA ----------------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    m = cfg.model
+    model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, grad_checkpoint=m.grad_checkpoint,
+                        **m.overrides)
+    if init_model is not None:
+        init_model(model)  # fine-tuning: load pre-trained weights before the engine takes the model
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas)
+    warmup = max(1, cfg.optim.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds)
+    ema = EMA(engine.module, cfg.train.ema_decay)
+    ab = alphas_cumprod(make_betas(cfg.train.schedule))
+    device = torch.device(get_accelerator().device_name(engine.local_rank))
+    dtype = next(engine.module.parameters()).dtype
+    gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rank)  # t, noise, masks: CPU, per rank
+    step, position = 0, StreamPosition()
+
+    # --- resume ----------------------------------------------------------------------------------------------
+    if resume != "none" and (ckpt_dir / "latest").exists():
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=None if resume == "auto" else resume)
+        if path is None:
+            raise SystemExit(f"error: could not load a checkpoint from {ckpt_dir} (tag {resume})")
+        step = client["step"]
+        ema.load_state_dict(client["ema"])
+        if len(client["positions"]) == world:
+            position = StreamPosition.from_state_dict(client["positions"][rank])
+            gen.set_state(client["rng"][rank])
+        elif rank == 0:  # another world size: the data stream cannot continue, it restarts (documented)
+            log(json.dumps({"warning": f"resumed on {world} ranks from a {len(client['positions'])}-rank "
+                                       f"checkpoint: the data stream restarts from its beginning"}))
+        if rank == 0:
+            log(json.dumps({"resumed": path, "step": step}))
+
+    stream = ShardStream(StreamConfig(cfg.data.sources, cfg.data.weights, m.input,
+                                      m.image_size if m.input == "pixel" else None, cfg.data.order,
+                                      cfg.train.micro_batch, cfg.data.shards_per_chunk, cfg.data.buffer,
+                                      cfg.data.flip, cfg.train.seed), rank, world, cfg.data.workers, position)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0)
+    batches = iter(loader)
+
+    def save(tag: str) -> None:
+        client = {"step": step, "ema": ema.state_dict(), "config": cfg.to_dict(),
+                  "positions": _gather(position.state_dict()), "rng": _gather(gen.get_state())}
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    until = min(until_step or cfg.train.steps, cfg.train.steps)
+    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    mask, grid = cfg.mask, engine.module.cfg.grid
+    start, start_step, loss_sum = time.time(), step, torch.zeros((), device=device)
+    while step < until:
+        for _ in range(accumulation):
+            batch = next(batches)                                       # load
+            position.update(batch)
+            x0 = to_model_input(batch, m.input, device, dtype)         # (B, C, H, W)
+            B = x0.shape[0]
+            t = torch.randint(0, len(ab), (B,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
+            visible = (visible_indices(mask.kind, grid, mask.rate, B, mask.block, gen) if mask.rate > 0
+                       else None)                                       # mask: (B, S) visible tokens
+            loss = msm_loss(engine, x0, t.to(device), noise, ab, visible)
+            if not torch.isfinite(loss):                                # stop, keeping what we have
+                save(f"nonfinite-step{step:08d}")
+                raise SystemExit(f"non-finite loss {loss.item()} at step {step} (rank {rank}); checkpoint saved")
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        step += 1
+        if engine.was_step_applied():                                   # an fp16 overflow skips the EMA too
+            ema.update(engine.module)
+        if step % cfg.train.log_every == 0 or step == until:            # log (all ranks reduce)
+            dist.all_reduce(loss_sum)
+            n = (step - 1) % cfg.train.log_every + 1  # steps since the last record
+            record = {"step": step, "images": step * cfg.train.global_batch,
+                      "loss": loss_sum.item() / (world * accumulation * n), "lr": scheduler.get_last_lr()[0],
+                      "img_per_s": (step - start_step) * cfg.train.global_batch / (time.time() - start),
+                      "skipped_samples": sum(batch.get("skipped", {}).values())}
+            if engine.fp16_enabled():
+                record["loss_scale"] = optimizer.cur_scale
+            loss_sum.zero_()
+            if rank == 0:
+                log(json.dumps(record))
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+        if step % cfg.train.ckpt_every == 0 or step == until:           # checkpoint
+            save(f"step{step:08d}")
+    if metrics is not None:
+        metrics.close()
+    return {"step": step, "images": step * cfg.train.global_batch}
+

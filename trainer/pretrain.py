@@ -1,0 +1,63 @@
+"""Masked pre-training (MaskDM):
+
+    deepspeed [--num_gpus N | --hostfile H] trainer/pretrain.py --config configs/X.yaml \
+        --deepspeed_config ds_configs/zero2_fp16.json --run-dir runs/X [--resume auto|none|TAG] [--until-step N]
+
+Everything about the experiment is in the YAML (`--set section.key=value` overrides one entry); the DeepSpeed
+JSON holds the ZeRO stage, precision and gradient clipping. On CPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from trainer.config import ExperimentConfig  # noqa: E402
+
+
+def parse(argv=None, description=__doc__) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="experiment YAML (configs/)")
+    p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/)")
+    p.add_argument("--run-dir", required=True, help="where config.yaml, metrics.jsonl and checkpoints/ go")
+    p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint), none, or a tag")
+    p.add_argument("--until-step", type=int, help="stop cleanly at this step (scheduled jobs)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config entry (YAML value), e.g. --set train.steps=10")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
+    return p.parse_args(argv)
+
+
+def load(args) -> tuple[ExperimentConfig, dict]:
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise SystemExit(f"error: --set {item!r}: write SECTION.KEY=VALUE, e.g. train.steps=10")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        cfg = ExperimentConfig.from_yaml(args.config, overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    ds_path = Path(args.deepspeed_config)
+    if not ds_path.is_file():
+        raise SystemExit(f"error: --deepspeed_config {ds_path}: no such file (see ds_configs/)")
+    return cfg, json.loads(ds_path.read_text())
+
+
+def main(argv=None) -> None:
+    from trainer.loop import training_loop
+
+    args = parse(argv)
+    cfg, ds = load(args)
+    training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step)
+
+
+if __name__ == "__main__":
+    main()
