@@ -7,8 +7,9 @@ project: `pipeline.shard.write_shard` — JPEG decoded at reduced size by libjpe
          the scaled decode is not already at the target size, numpy Haar DWT, pre-encoded JPEG bytes (quality 95,
          4:4:4) in a deterministic tar.
 naive:   full-size decode + Pillow LANCZOS resize + pywt.dwt2 per channel + webdataset.ShardWriter fed PIL objects.
-The three paths take turns on four chunks of the corpus. Also printed: bytes per sample with and without dwt.f16, and the loader-side read rate (webdataset iteration +
-JPEG decode, + frombuffer of the stored DWT) for both shard kinds.
+The three paths take turns on four chunks of the corpus. Also printed: bytes per sample with and without
+dwt.f16, and the loader-side read rate (webdataset iteration + JPEG decode, + frombuffer of the stored DWT) for
+both shard kinds.
 """
 from __future__ import annotations
 

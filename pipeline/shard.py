@@ -221,7 +221,8 @@ def write_shard(cfg: ShardConfig, index: int, items: list[Item]) -> dict:
                     except Exception as e:  # noqa: BLE001 - one bad input must never end the job
                         bad = e if isinstance(e, BadInput) else BadInput("unexpected error", f"{type(e).__name__}: {e}")
                         if cfg.strict:
-                            raise StrictStop(f"error: {item.path}: {bad} (--strict stops at the first bad input)") from e
+                            msg = f"error: {item.path}: {bad} (--strict stops at the first bad input)"
+                            raise StrictStop(msg) from e
                         skipped.append({"input": item.rel, "reason": bad.reason, "detail": bad.detail[:200]})
                         continue
                     for member, data in members:

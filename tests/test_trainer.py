@@ -67,8 +67,8 @@ def records(run_dir):
 def final_state(run_dir, tag):
     """Rank 0's model-states file (ZeRO-3 names it per rank): module weights (not under ZeRO-3) + client state."""
     folder = Path(run_dir) / "checkpoints" / tag
-    path = next(p for p in (folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-                if p.exists())
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    path = next(folder / n for n in names if (folder / n).exists())
     return torch.load(path, weights_only=False)
 
 
