@@ -45,18 +45,22 @@ train: {{steps: {steps}, global_batch: 8, micro_batch: 2, log_every: 2, ckpt_eve
 
 
 def launch(cfg, dsc, run_dir, *extra, wait=True):
+    return launch_script("pretrain.py", cfg, dsc, run_dir, *extra, wait=wait)
+
+
+def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           str(REPO / "trainer" / "pretrain.py"), "--config", str(cfg), "--deepspeed_config", str(dsc),
+           str(REPO / "trainer" / script), "--config", str(cfg), "--deepspeed_config", str(dsc),
            "--run-dir", str(run_dir), *map(str, extra)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert r.returncode == 0 or not check, r.stdout[-4000:] + r.stderr[-4000:]
     return r
 
 
@@ -109,3 +113,18 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shards):
         assert torch.allclose(a["module"][k], b["module"][k], atol=1e-6), k
     for k in a["ema"]["shadow"]:
         assert torch.allclose(a["ema"]["shadow"][k], b["ema"]["shadow"][k], atol=1e-6), k
+
+
+def test_finetune_from_a_pretrained_run(tmp_path, shards):
+    cfg, dsc = write_config(tmp_path, shards, steps=2, ckpt_every=2, stage=2)
+    launch(cfg, dsc, tmp_path / "pre")
+    ft_cfg = tmp_path / "ft.yaml"
+    ft_cfg.write_text(cfg.read_text().replace("rate: 0.5", "rate: 0.0"))
+    r = launch_script("finetune.py", ft_cfg, dsc, tmp_path / "ft", "--init", tmp_path / "pre")
+    init = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"init"'))
+    assert init["missing_keys"] == [] and init["unexpected_keys"] == []
+    assert [x["step"] for x in records(tmp_path / "ft")] == [2]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(ft_cfg.read_text().replace("dim: 32", "dim: 48"))
+    r = launch_script("finetune.py", bad, dsc, tmp_path / "ft2", "--init", tmp_path / "pre", check=False)
+    assert r.returncode != 0 and "do not fit the model" in r.stdout + r.stderr and "pos_embed" in r.stdout + r.stderr

@@ -21,8 +21,10 @@ import yaml  # noqa: E402
 from trainer.config import ExperimentConfig  # noqa: E402
 
 
-def parse(argv=None, description=__doc__) -> argparse.Namespace:
+def parse(argv=None, description=__doc__, extra=()) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, kw in extra:
+        p.add_argument(flag, **kw)
     p.add_argument("--config", required=True, help="experiment YAML (configs/)")
     p.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (ds_configs/)")
     p.add_argument("--run-dir", required=True, help="where config.yaml, metrics.jsonl and checkpoints/ go")

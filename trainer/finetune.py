@@ -1,0 +1,47 @@
+"""Fine-tuning from pre-trained weights with the ordinary denoising objective (mask rate 0):
+
+    deepspeed [--num_gpus N] trainer/finetune.py --init RUN_DIR_OR_SAFETENSORS_OR_URL \
+        --config configs/celebahq_finetune_10pct_S.yaml --deepspeed_config ds_configs/zero2_fp16.json \
+        --run-dir runs/ft10 [--resume auto] [--until-step N]
+
+`--init` takes a DeepSpeed run (its EMA weights) or an exported .safetensors (local or s3://...). The missing and
+unexpected keys are reported; a shape mismatch stops with the names. Once the run has its own checkpoints,
+running the same command resumes it (the --init weights are then not read again).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.pretrain import load, parse  # noqa: E402
+
+
+def main(argv=None) -> None:
+    import torch.distributed as dist
+
+    from trainer.loop import training_loop
+    from trainer.weights import apply_pretrained, load_pretrained
+
+    args = parse(argv, description=__doc__, extra=[("--init", dict(required=True, help="pre-trained weights"))])
+    cfg, ds = load(args)
+    if cfg.mask.rate != 0:
+        raise SystemExit(f"error: {args.config}: fine-tuning trains on every patch; set mask.rate: 0 "
+                         f"(it is {cfg.mask.rate})")
+
+    def init(model):
+        missing, unexpected = apply_pretrained(model, load_pretrained(args.init))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(json.dumps({"init": args.init, "missing_keys": missing, "unexpected_keys": unexpected}),
+                  flush=True)
+
+    resuming = args.resume != "none" and (Path(args.run_dir) / "checkpoints" / "latest").exists()
+    training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step,
+                  init_model=None if resuming else init)
+
+
+if __name__ == "__main__":
+    main()
