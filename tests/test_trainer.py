@@ -35,7 +35,8 @@ model: {{preset: tiny, input: pixel, image_size: 16, patch_size: 4, overrides: {
 mask: {{kind: block, rate: 0.5, block: 2}}
 data: {{sources: [{shards}], order: resampled, workers: 0, buffer: 8}}
 optim: {{lr: 1.0e-3}}
-train: {{steps: {steps}, global_batch: 8, micro_batch: 2, log_every: 2, ckpt_every: {ckpt_every}}}
+train: {{steps: {steps}, global_batch: 8, micro_batch: 2, log_every: 2, ckpt_every: {ckpt_every},
+        sample_every: 1000, sample_n: 4, sample_steps: 3}}
 """)
     ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
     ds["zero_optimization"]["stage"] = stage
@@ -65,7 +66,9 @@ def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True):
 
 
 def records(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    """The training records of metrics.jsonl (not the sample-grid entries)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 def final_state(run_dir, tag):
@@ -90,6 +93,8 @@ def test_zero_stages_train_checkpoint_and_resume(tmp_path, shards, stage):
     client = final_state(run, "step00000004")
     assert client["step"] == 4 and len(client["positions"]) == 2 and set(client["ema"]["shadow"])
     assert (run / "config.yaml").exists()
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == ["step00000002.png", "step00000004.png"]  # at the end of each invocation
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shards):

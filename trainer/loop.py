@@ -1,7 +1,7 @@
 """The training loop for masked pre-training and fine-tuning, written out (nanoGPT style, DeepSpeed calls in view):
 
     load batch -> mask -> MSM loss -> engine.backward -> engine.step   (x gradient accumulation)
-    -> EMA (only if engine.was_step_applied()) -> log -> checkpoint
+    -> EMA (only if engine.was_step_applied()) -> log -> sample grid (EMA, rank 0) -> checkpoint
 
 One call, `training_loop(cfg, ds_config=..., run_dir=...)`, from the thin CLIs `trainer/pretrain.py` and
 `trainer/finetune.py`, launched by `deepspeed`. Progress is counted in optimiser steps and images, never epochs.
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from trainer.config import ExperimentConfig, batch_arithmetic
 from trainer.data import to_model_input
@@ -36,6 +37,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0) -> Path:
+    """`train.sample_n` images from the EMA weights (DDIM, `train.sample_steps`, fixed seed) as one PNG."""
+    from trainer.diffusion import make_clip, sample
+    from trainer.images import save_grid, to_rgb_uint8
+
+    m = cfg.model
+    model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, **m.overrides).eval()
+    ema.copy_to(model)
+    x = sample(model, (cfg.train.sample_n, m.in_channels, m.model_size, m.model_size),
+               alphas_cumprod(make_betas(cfg.train.schedule)), steps=cfg.train.sample_steps,
+               clip=make_clip(m.input), generator=torch.Generator().manual_seed(seed))
+    return save_grid(to_rgb_uint8(x, m.input), path)
 
 
 def _gather(obj) -> list:
@@ -112,6 +127,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     # --- the loop --------------------------------------------------------------------------------------------
     until = min(until_step or cfg.train.steps, cfg.train.steps)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=until, initial=step, unit="step", desc=cfg.name, disable=rank != 0, dynamic_ncols=True)
     mask, grid = cfg.mask, engine.module.cfg.grid
     start, start_step, loss_sum = time.time(), step, torch.zeros((), device=device)
     while step < until:
@@ -145,11 +161,18 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                 record["loss_scale"] = optimizer.cur_scale
             loss_sum.zero_()
             if rank == 0:
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
+                                **({"scale": record["loss_scale"]} if "loss_scale" in record else {}))
                 log(json.dumps(record))
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+        bar.update(1)
+        if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
+            grid = sample_grid(cfg, ema, run_dir / "samples" / f"step{step:08d}.png")
+            metrics.write(json.dumps({"step": step, "samples": str(grid)}) + "\n")
         if step % cfg.train.ckpt_every == 0 or step == until:           # checkpoint
             save(f"step{step:08d}")
+    bar.close()
     if metrics is not None:
         metrics.close()
     return {"step": step, "images": step * cfg.train.global_batch}
