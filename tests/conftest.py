@@ -17,6 +17,15 @@ SHARED_DATA = Path(os.environ.get("MASKDM_SHARED_DATA", REPO.parent / "shared" /
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers and DeepSpeed's master port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def read_real_faces(n: int, tar_name: str = "lfw-deepfunneled.tar") -> list[np.ndarray]:
     """The first n JPEGs of a real face archive in ../shared/data as uint8 (H, W, 3) arrays (read, never copied)."""
     from PIL import Image
@@ -47,11 +56,7 @@ class S3Server:
     outage (the in-memory buckets are lost on restart)."""
 
     def __init__(self):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from trainer.ema import EMA
 from trainer.models import build_model
 
@@ -65,14 +66,6 @@ for step in range(3):
 if engine.global_rank == 0:
     torch.save(ema.state_dict(), a.out)
 '''
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -3,7 +3,6 @@ checkpoint and resume; a SIGKILLed run resumed equals an uninterrupted one."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from pipeline.shard import main as shard_main
 from pipeline_data import identity_tree
 
@@ -50,10 +50,7 @@ def launch(cfg, dsc, run_dir, *extra, wait=True):
 
 
 def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "trainer" / script), "--config", str(cfg), "--deepspeed_config", str(dsc),
            "--run-dir", str(run_dir), *map(str, extra)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
