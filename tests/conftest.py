@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -24,6 +25,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection refused", "DistNetworkError")
+
+
+def run_launcher(cmd: list[str], env: dict, timeout: int = 600, attempts: int = 2):
+    """Run a `deepspeed` launcher command; retry (with a fresh master port) only when it failed to rendezvous
+    (a port taken between our pick and its bind, a rank that could not connect), never on other failures."""
+    for attempt in range(attempts):
+        if attempt:
+            cmd = list(cmd)
+            cmd[cmd.index("--master_port") + 1] = str(free_port())
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if r.returncode == 0 or not any(e in r.stdout + r.stderr for e in RENDEZVOUS_ERRORS):
+            return r
+    return r
 
 
 def read_real_faces(n: int, tar_name: str = "lfw-deepfunneled.tar") -> list[np.ndarray]:

@@ -1,14 +1,13 @@
 """trainer.ema: the update formula in fp32 (also for an fp16 module), copy back, state round trip; and the same
 EMA under ZeRO-1 and ZeRO-3 with the real DeepSpeed launcher on CPU (2 ranks)."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import free_port, run_launcher
 from trainer.ema import EMA
 from trainer.models import build_model
 
@@ -51,9 +50,11 @@ p.add_argument("--out"); a = p.parse_args()
 deepspeed.init_distributed()
 torch.manual_seed(0)
 model = build_model("tiny", 3, 16)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.99, 0.99), weight_decay=0.03)
+# plain SGD: Adam's 1/sqrt(v) would magnify the (legitimate) rounding differences between ZeRO-1's all-reduce
+# and ZeRO-3's reduce-scatter on near-zero gradients; this test is about the EMA, not the optimiser
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
 cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-       "zero_optimization": {"stage": a.stage}, "gradient_clipping": 1.0}
+       "zero_optimization": {"stage": a.stage}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
 engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
 ema = EMA(engine.module, 0.5)
 g = torch.Generator().manual_seed(100 + engine.global_rank)
@@ -76,9 +77,9 @@ def test_ema_is_the_same_under_zero1_and_zero3(tmp_path):
     results = {}
     for stage in (1, 3):
         out = tmp_path / f"ema{stage}.pt"
-        r = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                            "--master_port", str(free_port()), str(script), "--stage", str(stage),
-                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        r = run_launcher([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                          "--master_port", str(free_port()), str(script), "--stage", str(stage),
+                          "--out", str(out)], env=env, timeout=300)
         assert r.returncode == 0 and out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
         results[stage] = torch.load(out, weights_only=True)["shadow"]
     assert results[1].keys() == results[3].keys()

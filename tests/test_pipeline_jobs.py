@@ -27,7 +27,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.shard", *map(str, flags), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while len(list((out / ".state").glob("shard-*.json"))) < 4:  # a few shards done, more in flight
+    while len(list((out / ".state").glob("shard-*.json"))) < 3:  # a few shards done, more in flight
         assert proc.poll() is None, "the job finished before it could be killed: make the corpus larger"
         assert time.monotonic() < deadline
         time.sleep(0.01)
