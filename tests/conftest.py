@@ -30,6 +30,14 @@ def free_port() -> int:
 RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection refused", "DistNetworkError")
 
 
+def release_shm(port) -> None:
+    """Remove the /dev/shm buffers DeepSpeed's CPU all-reduce leaves behind for this master port (~69 MB per rank;
+    killed or failed runs never free them, and a full /dev/shm ends in the OOM killer)."""
+    from trainer.loop import release_shm as release
+
+    release(port)
+
+
 def run_launcher(cmd: list[str], env: dict, timeout: int = 600, attempts: int = 2):
     """Run a `deepspeed` launcher command; retry (with a fresh master port) only when it failed to rendezvous
     (a port taken between our pick and its bind, a rank that could not connect), never on other failures."""
@@ -37,7 +45,10 @@ def run_launcher(cmd: list[str], env: dict, timeout: int = 600, attempts: int = 
         if attempt:
             cmd = list(cmd)
             cmd[cmd.index("--master_port") + 1] = str(free_port())
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        finally:
+            release_shm(cmd[cmd.index("--master_port") + 1])
         if r.returncode == 0 or not any(e in r.stdout + r.stderr for e in RENDEZVOUS_ERRORS):
             return r
     return r

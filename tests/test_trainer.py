@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, run_launcher
+from conftest import free_port, release_shm, run_launcher
 from pipeline.shard import main as shard_main
 from pipeline_data import identity_tree
 
@@ -107,6 +107,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shards):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
     proc.wait()
+    release_shm(proc.args[proc.args.index("--master_port") + 1])
     assert latest.read_text().strip() != "step00000060"
     launch(cfg, dsc, run)
     a, b = final_state(tmp_path / "ref", "step00000060"), final_state(run, "step00000060")

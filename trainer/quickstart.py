@@ -33,6 +33,7 @@ from pipeline.shard import main as shard_main
 from pipeline.store import Store
 from pipeline.synthetic import synthetic_faces
 from trainer.images import save_grid
+from trainer.loop import release_shm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,9 @@ def launch(script: str, run_dir: Path, ranks: int, sets: list[str], *extra: str)
     for item in sets:
         cmd += ["--set", item]
     print(f"$ {'DS_ACCELERATOR=cpu ' if not gpu else ''}deepspeed {' '.join(cmd[3:])}", flush=True)
-    if subprocess.run(cmd, env=env).returncode != 0:
+    code = subprocess.run(cmd, env=env).returncode
+    release_shm(port)
+    if code != 0:
         raise SystemExit(f"error: {script} failed; its log is above, its run directory is {run_dir}")
 
 
