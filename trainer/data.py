@@ -51,7 +51,7 @@ def _filesystem(protocol: str, pid: int):
     return fsspec.filesystem(protocol, skip_instance_cache=True)
 
 
-RETRIES = Counter()  # transient open errors retried, per process (reported by the loader's summary)
+RETRIES = Counter()  # transient open errors retried in this process (each retry is also logged as a warning)
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, *, retries: int = 5, backoff: float = 0.5,

@@ -10,7 +10,9 @@ stream position and RNG state, and the resolved config.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 import time
 from pathlib import Path
 
@@ -56,9 +58,6 @@ def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0) -> P
 def release_shm(port: str | int | None, addr: str = "127.0.0.1", rank: int | str = "*") -> None:
     """DeepSpeed's CPU shared-memory all-reduce leaves its buffers in /dev/shm (~69 MB per rank per run, never
     freed): remove those of one run (its master address and port)."""
-    import glob
-    import os
-
     if port:
         for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
             try:
@@ -190,8 +189,6 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     if metrics is not None:
         metrics.close()
     dist.barrier()  # every rank is done communicating: the shared-memory buffers can go
-    import os
-
     release_shm(os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR", "127.0.0.1"), engine.local_rank)
     return {"step": step, "images": step * cfg.train.global_batch}
 
