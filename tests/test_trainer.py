@@ -45,12 +45,13 @@ train: {{steps: {steps}, global_batch: 8, micro_batch: 2, log_every: 2, ckpt_eve
     return cfg, dsc
 
 
-def launch(cfg, dsc, run_dir, *extra, wait=True):
-    return launch_script("pretrain.py", cfg, dsc, run_dir, *extra, wait=wait)
+def launch(cfg, dsc, run_dir, *extra, wait=True, check=True):
+    return launch_script("pretrain.py", cfg, dsc, run_dir, *extra, wait=wait, check=check)
 
 
-def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True, num_gpus=2):
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
+           "--master_port", str(free_port()),
            str(REPO / "trainer" / script), "--config", str(cfg), "--deepspeed_config", str(dsc),
            "--run-dir", str(run_dir), *map(str, extra)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
@@ -131,3 +132,78 @@ def test_finetune_from_a_pretrained_run(tmp_path, shards):
     bad.write_text(ft_cfg.read_text().replace("dim: 32", "dim: 48"))
     r = launch_script("finetune.py", bad, dsc, tmp_path / "ft2", "--init", tmp_path / "pre", check=False)
     assert r.returncode != 0 and "do not fit the model" in r.stdout + r.stderr and "pos_embed" in r.stdout + r.stderr
+
+
+def fp32_weights(run_dir, tag):
+    """The consolidated fp32 weights of a ZeRO checkpoint (any stage, any world size)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(Path(run_dir) / "checkpoints"), tag=tag)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, shards, stage):
+    from trainer.models import build_model
+
+    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=2, stage=stage)
+    run = tmp_path / "run"
+    launch(cfg, dsc, run, "--until-step", 2)                       # 2 ranks
+    # 1 rank, and another seed: weights that were not loaded would be a fresh init of that seed
+    r = launch_script("pretrain.py", cfg, dsc, run, "--set", "train.seed=12345", num_gpus=1)
+    assert "restarts with seed" in r.stdout and '"universal": true' in r.stdout
+    assert (run / "checkpoints" / "step00000002_universal" / "zero").is_dir()
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert [x["step"] for x in records(run)] == [2, 4]
+    w2, w4 = fp32_weights(run, "step00000002"), fp32_weights(run, "step00000004")
+    torch.manual_seed(12345)
+    fresh = build_model("tiny", 3, 16, 4, dim=32, heads=2).state_dict()
+    assert max((w2[k] - fresh[k]).abs().max().item() for k in w2) > 0.05  # the seed does change the init
+    # two AdamW steps at lr 1e-3 (betas 0.99, 0.99) move no weight by more than ~2e-3
+    assert max((w4[k] - w2[k]).abs().max().item() for k in w2) < 5e-3
+    client = final_state(run, "step00000004")
+    assert client["step"] == 4 and len(client["positions"]) == 1 and client["data_seed"] != 12345
+
+
+def _cpu_fp16_works() -> bool:
+    try:
+        a = torch.ones(4, 4, dtype=torch.float16)
+        return bool(torch.isfinite(torch.nn.functional.layer_norm(a @ a, (4,))).all())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.skipif(not _cpu_fp16_works(), reason="this CPU/torch build has no fp16 kernels")
+def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path, shards):
+    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=3, stage=1)
+    ds = json.loads(dsc.read_text())
+    ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1, "min_loss_scale": 1}
+    dsc.write_text(json.dumps(ds))
+    cfg.write_text(cfg.read_text().replace("log_every: 2", "log_every: 1"))
+    run = tmp_path / "run"
+    os.environ["MASKDM_INJECT_NONFINITE"] = "3"  # the 4th step: an infinite loss on rank 0
+    try:
+        launch(cfg, dsc, run)
+    finally:
+        del os.environ["MASKDM_INJECT_NONFINITE"]
+    recs = records(run)
+    assert [x["skipped_steps"] for x in recs] == [0, 0, 0, 1]
+    assert recs[3]["loss_scale"] == recs[2]["loss_scale"] / 2
+    s3, s4 = final_state(run, "step00000003"), final_state(run, "step00000004")
+    assert s4["step"] == 4
+    for k in s3["ema"]["shadow"]:  # neither the weights nor the EMA moved in the skipped step
+        assert torch.equal(s3["ema"]["shadow"][k], s4["ema"]["shadow"][k]), k
+    for k in s3["module"]:
+        assert torch.equal(s3["module"][k], s4["module"][k]), k
+    moved = [k for k in s3["ema"]["shadow"] if not torch.equal(s3["ema"]["shadow"][k], s3["ema"]["shadow"][k] * 0)]
+    assert moved  # (the EMA is not trivially zero)
+
+
+def test_nonfinite_loss_without_loss_scaling_saves_and_stops(tmp_path, shards):
+    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=100, stage=2)
+    os.environ["MASKDM_INJECT_NONFINITE"] = "2"
+    try:
+        r = launch(cfg, dsc, tmp_path / "run", check=False)
+    finally:
+        del os.environ["MASKDM_INJECT_NONFINITE"]
+    assert r.returncode != 0 and "non-finite loss at step 2" in r.stdout + r.stderr
+    client = final_state(tmp_path / "run", "nonfinite-step00000002")
+    assert client["step"] == 2

@@ -109,14 +109,15 @@ class TrainConfig:
     ckpt_every: int = 5000
     sample_n: int = 16
     sample_steps: int = 50
+    max_nonfinite: int = 20       # fp16: this many consecutive overflowing steps stop the run (see trainer/loop.py)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule {self.schedule!r}: choose one of {SCHEDULES}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay {self.ema_decay}: must be in [0, 1)")
-        if min(self.steps, self.global_batch, self.micro_batch) < 1:
-            raise ValueError("train.steps, global_batch and micro_batch must be >= 1")
+        if min(self.steps, self.global_batch, self.micro_batch, self.max_nonfinite) < 1:
+            raise ValueError("train.steps, global_batch, micro_batch and max_nonfinite must be >= 1")
 
 
 SECTIONS = {"model": ModelConfig, "mask": MaskConfig, "data": DataConfig, "optim": OptimConfig,

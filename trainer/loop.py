@@ -7,6 +7,12 @@ One call, `training_loop(cfg, ds_config=..., run_dir=...)`, from the thin CLIs `
 `trainer/finetune.py`, launched by `deepspeed`. Progress is counted in optimiser steps and images, never epochs.
 Checkpoints (`engine.save_checkpoint`) carry the client state needed to continue exactly: step, EMA, each rank's
 stream position and RNG state, and the resolved config.
+
+Non-finite losses. All ranks agree on each micro-batch's loss being finite (one scalar all-reduce). With fp16
+dynamic loss scaling a non-finite loss is an overflow: DeepSpeed skips the step (and the loop the EMA), the loss
+scale drops, and only `train.max_nonfinite` consecutive such steps stop the run. Without a loss scaler (fp32,
+bf16) the first one stops it. Stopping saves a checkpoint `nonfinite-stepN` (weights from before the bad step).
+Fault injection for tests: MASKDM_INJECT_NONFINITE=3,7 makes rank 0's loss infinite at steps 3 and 7 (0-based).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from trainer.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, plan_resume
 from trainer.config import ExperimentConfig, batch_arithmetic
 from trainer.data import to_model_input
 from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
@@ -87,6 +94,12 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    tag, universal = plan_resume(ckpt_dir, resume, world)
+    if universal:  # another world size than the checkpoint's: load its universal form (trainer/checkpoints.py)
+        if rank == 0:
+            convert_to_universal(ckpt_dir, tag.removesuffix(UNIVERSAL_SUFFIX), log=log)
+        dist.barrier()
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
 
     # --- model, optimiser, engine, EMA ----------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -105,35 +118,40 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     ab = alphas_cumprod(make_betas(cfg.train.schedule))
     device = torch.device(get_accelerator().device_name(engine.local_rank))
     dtype = next(engine.module.parameters()).dtype
-    gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rank)  # t, noise, masks: CPU, per rank
+    data_seed = cfg.train.seed  # seeds the stream and the per-rank generator of t, noise and masks
+    gen = torch.Generator().manual_seed(data_seed * 100_003 + rank)
     step, position = 0, StreamPosition()
 
     # --- resume ----------------------------------------------------------------------------------------------
-    if resume != "none" and (ckpt_dir / "latest").exists():
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=None if resume == "auto" else resume)
+    if tag is not None:
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
-            raise SystemExit(f"error: could not load a checkpoint from {ckpt_dir} (tag {resume})")
+            raise SystemExit(f"error: could not load checkpoint {ckpt_dir / tag} (--resume {resume})")
         step = client["step"]
         ema.load_state_dict(client["ema"])
+        data_seed = client.get("data_seed", cfg.train.seed)
         if len(client["positions"]) == world:
             position = StreamPosition.from_state_dict(client["positions"][rank])
             gen.set_state(client["rng"][rank])
-        elif rank == 0:  # another world size: the data stream cannot continue, it restarts (documented)
-            log(json.dumps({"warning": f"resumed on {world} ranks from a {len(client['positions'])}-rank "
-                                       f"checkpoint: the data stream restarts from its beginning"}))
+        else:  # another world size: per-rank positions do not carry over; a fresh stream, not a replay
+            data_seed = (cfg.train.seed * 1_000_003 + step) % 2**31
+            gen.manual_seed(data_seed * 100_003 + rank)
+            if rank == 0:
+                log(json.dumps({"warning": f"resumed on {world} ranks from a {len(client['positions'])}-rank "
+                                           f"checkpoint: the data stream restarts with seed {data_seed}"}))
         if rank == 0:
-            log(json.dumps({"resumed": path, "step": step}))
+            log(json.dumps({"resumed": path, "step": step, "universal": universal}))
 
     stream = ShardStream(StreamConfig(cfg.data.sources, cfg.data.weights, m.input,
                                       m.image_size if m.input == "pixel" else None, cfg.data.order,
                                       cfg.train.micro_batch, cfg.data.shards_per_chunk, cfg.data.buffer,
-                                      cfg.data.flip, cfg.train.seed), rank, world, cfg.data.workers, position)
+                                      cfg.data.flip, data_seed), rank, world, cfg.data.workers, position)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0)
     batches = iter(loader)
 
     def save(tag: str) -> None:
-        client = {"step": step, "ema": ema.state_dict(), "config": cfg.to_dict(),
+        client = {"step": step, "ema": ema.state_dict(), "config": cfg.to_dict(), "data_seed": data_seed,
                   "positions": _gather(position.state_dict()), "rng": _gather(gen.get_state())}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
 
@@ -143,8 +161,12 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     bar = tqdm(total=until, initial=step, unit="step", desc=cfg.name, disable=rank != 0, dynamic_ncols=True)
     mask, grid = cfg.mask, engine.module.cfg.grid
     start, start_step, loss_sum = time.time(), step, torch.zeros((), device=device)
+    inject = {int(x) for x in os.environ.get("MASKDM_INJECT_NONFINITE", "").split(",") if x.strip()}
+    nonfinite = skipped = 0  # consecutive steps with a non-finite loss; steps skipped since the last record
+    finite_n = 0
     while step < until:
-        for _ in range(accumulation):
+        bad_step = False
+        for micro in range(accumulation):
             batch = next(batches)                                       # load
             position.update(batch)
             x0 = to_model_input(batch, m.input, device, dtype)         # (B, C, H, W)
@@ -154,25 +176,46 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             visible = (visible_indices(mask.kind, grid, mask.rate, B, mask.block, gen) if mask.rate > 0
                        else None)                                       # mask: (B, S) visible tokens
             loss = msm_loss(engine, x0, t.to(device), noise, ab, visible)
-            if not torch.isfinite(loss):                                # stop, keeping what we have
-                save(f"nonfinite-step{step:08d}")
-                raise SystemExit(f"non-finite loss {loss.item()} at step {step} (rank {rank}); checkpoint saved")
-            engine.backward(loss)
+            if step in inject and rank == 0 and micro == 0:            # fault injection (tests)
+                loss = loss * float("inf")
+            bad = (~torch.isfinite(loss.detach())).float()              # agreed by all ranks: one sync
+            dist.all_reduce(bad)
+            if bad.item():
+                bad_step = True
+                if not engine.fp16_enabled():                           # nothing to skip it: stop, keep state
+                    save(f"nonfinite-step{step:08d}")
+                    raise SystemExit(f"non-finite loss at step {step}; checkpoint nonfinite-step{step:08d} saved "
+                                     f"(weights from before the step)")
+            else:
+                loss_sum += loss.detach().float()
+                finite_n += 1
+            engine.backward(loss)  # fp16: a non-finite loss makes non-finite gradients; the scaler skips the step
             engine.step()
-            loss_sum += loss.detach().float()
         step += 1
         if engine.was_step_applied():                                   # an fp16 overflow skips the EMA too
+            if bad_step:  # cannot happen with DeepSpeed's overflow check; never train on a non-finite loss
+                save(f"nonfinite-step{step:08d}")
+                raise SystemExit(f"step {step} was applied despite a non-finite loss; checkpoint saved")
             ema.update(engine.module)
+        else:
+            skipped += 1
+        nonfinite = nonfinite + 1 if bad_step else 0
+        if nonfinite >= cfg.train.max_nonfinite:
+            save(f"nonfinite-step{step:08d}")
+            raise SystemExit(f"{nonfinite} consecutive steps with a non-finite loss (train.max_nonfinite) up to "
+                             f"step {step}; checkpoint nonfinite-step{step:08d} saved")
         if step % cfg.train.log_every == 0 or step == until:            # log (all ranks reduce)
-            dist.all_reduce(loss_sum)
-            n = (step - 1) % cfg.train.log_every + 1  # steps since the last record
+            totals = torch.stack([loss_sum, torch.tensor(float(finite_n), device=device)])
+            dist.all_reduce(totals)
             record = {"step": step, "images": step * cfg.train.global_batch,
-                      "loss": loss_sum.item() / (world * accumulation * n), "lr": scheduler.get_last_lr()[0],
+                      "loss": (totals[0] / totals[1]).item() if totals[1] else float("nan"),
+                      "lr": scheduler.get_last_lr()[0],
                       "img_per_s": (step - start_step) * cfg.train.global_batch / (time.time() - start),
-                      "skipped_samples": sum(batch.get("skipped", {}).values())}
+                      "skipped_steps": skipped, "skipped_samples": sum(batch.get("skipped", {}).values())}
             if engine.fp16_enabled():
                 record["loss_scale"] = optimizer.cur_scale
             loss_sum.zero_()
+            finite_n = skipped = 0
             if rank == 0:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
                                 **({"scale": record["loss_scale"]} if "loss_scale" in record else {}))
@@ -181,8 +224,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                 metrics.flush()
         bar.update(1)
         if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
-            grid = sample_grid(cfg, ema, run_dir / "samples" / f"step{step:08d}.png")
-            metrics.write(json.dumps({"step": step, "samples": str(grid)}) + "\n")
+            png = sample_grid(cfg, ema, run_dir / "samples" / f"step{step:08d}.png")
+            metrics.write(json.dumps({"step": step, "samples": str(png)}) + "\n")
         if step % cfg.train.ckpt_every == 0 or step == until:           # checkpoint
             save(f"step{step:08d}")
     bar.close()

@@ -1,0 +1,24 @@
+"""Choosing the checkpoint to resume from (trainer/checkpoints.py), without launching DeepSpeed."""
+import pytest
+
+from trainer.checkpoints import checkpoint_world, plan_resume
+
+
+def fake_checkpoint(ckpt_dir, tag, ranks):
+    (ckpt_dir / tag).mkdir(parents=True)
+    for r in range(ranks):
+        (ckpt_dir / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (ckpt_dir / "latest").write_text(tag)
+
+
+def test_plan_resume(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    assert plan_resume(ckpt, "auto", 2) == (None, False)           # a new run
+    fake_checkpoint(ckpt, "step00000010", ranks=2)
+    assert checkpoint_world(ckpt / "step00000010") == 2
+    assert plan_resume(ckpt, "auto", 2) == ("step00000010", False)
+    assert plan_resume(ckpt, "none", 2) == (None, False)
+    assert plan_resume(ckpt, "auto", 4) == ("step00000010_universal", True)
+    assert plan_resume(ckpt, "step00000010", 1) == ("step00000010_universal", True)
+    with pytest.raises(SystemExit, match="--resume step00000099.*have \\['step00000010'\\]"):
+        plan_resume(ckpt, "step00000099", 2)

@@ -1,0 +1,98 @@
+"""Which checkpoint a run resumes from, and resuming on another number of GPUs (universal checkpoints).
+
+A DeepSpeed ZeRO checkpoint is cut into one optimizer partition per data-parallel rank, so it only loads on the
+world size that wrote it. DeepSpeed's universal checkpoint (`deepspeed.checkpoint.ds_to_universal`) re-cuts it
+into one file per parameter that loads on any world size (`"checkpoint": {"load_universal": true}`). The trainer
+does this by itself: `--resume auto` on a world size other than the checkpoint's converts `checkpoints/TAG` into
+`checkpoints/TAG_universal` once (rank 0; other ranks wait) and loads that. To convert ahead of time, e.g. on a
+login node for a large model:
+
+    python -m trainer.checkpoints RUN_DIR [--tag TAG]
+
+After a world-size change the data stream cannot continue where it was (its positions are per rank and worker):
+it restarts with a seed drawn from (seed, step), so it does not replay the samples of the run's beginning.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["latest_tag", "checkpoint_world", "plan_resume", "convert_to_universal", "UNIVERSAL_SUFFIX"]
+
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    latest = Path(ckpt_dir) / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def checkpoint_world(tag_dir: str | Path) -> int | None:
+    """Data-parallel ranks that wrote a ZeRO checkpoint (one optimizer partition each); None without ZeRO files."""
+    n = len(list(Path(tag_dir).glob("*zero_pp_rank_*_optim_states.pt")))
+    return n or None
+
+
+def plan_resume(ckpt_dir: str | Path, resume: str, world: int) -> tuple[str | None, bool]:
+    """(tag to load or None, whether it is a universal checkpoint) for `--resume auto|none|TAG` on `world` ranks.
+    Raises SystemExit naming the flag when the tag does not exist."""
+    ckpt_dir = Path(ckpt_dir)
+    if resume == "none":
+        return None, False
+    tag = latest_tag(ckpt_dir) if resume == "auto" else resume
+    if tag is None:
+        return None, False
+    if not (ckpt_dir / tag).is_dir():
+        have = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+        raise SystemExit(f"error: --resume {resume}: no checkpoint {ckpt_dir / tag}; have {have}")
+    if tag.endswith(UNIVERSAL_SUFFIX):
+        return tag, True
+    saved = checkpoint_world(ckpt_dir / tag)
+    if saved is None or saved == world:
+        return tag, False
+    return tag + UNIVERSAL_SUFFIX, True
+
+
+def convert_to_universal(ckpt_dir: str | Path, tag: str, log=print) -> str:
+    """checkpoints/TAG -> checkpoints/TAG_universal with DeepSpeed's converter (in a subprocess: it runs its own
+    worker pools); written under a temporary name and renamed, so a half-written conversion is never loaded.
+    Returns the new tag; does nothing if it exists."""
+    ckpt_dir = Path(ckpt_dir)
+    out_tag = tag + UNIVERSAL_SUFFIX
+    out = ckpt_dir / out_tag
+    if out.is_dir():
+        return out_tag
+    tmp = ckpt_dir / f".tmp-{out_tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"converting {ckpt_dir / tag} to a universal checkpoint {out} (DeepSpeed ds_to_universal)")
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"error: converting {ckpt_dir / tag} to a universal checkpoint failed:\n"
+                         f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
+    os.replace(tmp, out)
+    # the converter points `latest_universal` at its output folder's (temporary) name: point it at the real one
+    (ckpt_dir / "latest_universal").write_text(out_tag)
+    return out_tag
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a training run directory (with checkpoints/)")
+    p.add_argument("--tag", help="checkpoint tag to convert (default: the latest)")
+    args = p.parse_args(argv)
+    ckpt_dir = Path(args.run_dir) / "checkpoints"
+    tag = args.tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag).is_dir():
+        raise SystemExit(f"error: no checkpoint {tag or '(latest)'} under {ckpt_dir}")
+    print(ckpt_dir / convert_to_universal(ckpt_dir, tag))
+
+
+if __name__ == "__main__":
+    main()
