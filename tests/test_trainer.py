@@ -80,6 +80,8 @@ def final_state(run_dir, tag):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_train_checkpoint_and_resume(tmp_path, shards, stage):
     cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=2, stage=stage)
+    if stage == 2:  # and TensorBoard
+        cfg.write_text(cfg.read_text().replace("sample_steps: 3", "sample_steps: 3, tensorboard: true"))
     run = tmp_path / "run"
     launch(cfg, dsc, run, "--until-step", 2)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000002"
@@ -93,6 +95,12 @@ def test_zero_stages_train_checkpoint_and_resume(tmp_path, shards, stage):
     assert (run / "config.yaml").exists()
     grids = sorted(p.name for p in (run / "samples").glob("*.png"))
     assert grids == ["step00000002.png", "step00000004.png"]  # at the end of each invocation
+    if stage == 2:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+        assert [e.step for e in events.Images("samples")] == [2, 4]
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shards):

@@ -109,6 +109,7 @@ class TrainConfig:
     ckpt_every: int = 5000
     sample_n: int = 16
     sample_steps: int = 50
+    tensorboard: bool = False     # also write the training records to RUN_DIR/tensorboard (needs tensorboard)
     max_nonfinite: int = 20       # fp16: this many consecutive overflowing steps stop the run (see trainer/loop.py)
 
     def __post_init__(self):

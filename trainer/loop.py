@@ -22,8 +22,10 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -77,6 +79,15 @@ def _gather(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("error: train.tensorboard: true needs the tensorboard package: pip install tensorboard "
+                         "(or set train.tensorboard: false; metrics.jsonl has the same records)") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path, resume: str = "auto",
@@ -158,6 +169,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     # --- the loop --------------------------------------------------------------------------------------------
     until = min(until_step or cfg.train.steps, cfg.train.steps)
     metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+    board = _tensorboard(run_dir) if rank == 0 and cfg.train.tensorboard else None
     bar = tqdm(total=until, initial=step, unit="step", desc=cfg.name, disable=rank != 0, dynamic_ncols=True)
     mask, grid = cfg.mask, engine.module.cfg.grid
     start, start_step, loss_sum = time.time(), step, torch.zeros((), device=device)
@@ -222,15 +234,24 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                 log(json.dumps(record))
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
+                if board is not None:
+                    for key, value in record.items():
+                        if key not in ("step", "images"):
+                            board.add_scalar(f"train/{key}", value, step)
+                    board.flush()
         bar.update(1)
         if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
             png = sample_grid(cfg, ema, run_dir / "samples" / f"step{step:08d}.png")
             metrics.write(json.dumps({"step": step, "samples": str(png)}) + "\n")
+            if board is not None:
+                board.add_image("samples", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
         if step % cfg.train.ckpt_every == 0 or step == until:           # checkpoint
             save(f"step{step:08d}")
     bar.close()
     if metrics is not None:
         metrics.close()
+    if board is not None:
+        board.close()
     dist.barrier()  # every rank is done communicating: the shared-memory buffers can go
     release_shm(os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR", "127.0.0.1"), engine.local_rank)
     return {"step": step, "images": step * cfg.train.global_batch}
