@@ -24,7 +24,7 @@ Samplers (both step from t to an earlier t_prev, with t_prev = -1 meaning alpha_
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -120,15 +120,23 @@ def dsm_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alph
 
 # --- samplers --------------------------------------------------------------------------------------------------
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal like x, drawn on the generator's device (so a CPU generator gives the same noise on
-    every device and GPU count), then moved to x."""
+    every device and GPU count), then moved to x. A sequence of generators, one per batch element, draws each
+    element's noise from its own: an image then depends on its generator only, not on the batch it is in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([_randn(x[0], g) for g in generator])
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
 
 
 def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, alphas_cumprod: torch.Tensor,
-              generator: torch.Generator | None = None, clip: ClipFn | None = None,
+              generator: Generators = None, clip: ClipFn | None = None,
               t_prev: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """One ancestral step x_t -> x_{t_prev} (t_prev = t - 1 by default) from q(x_prev | x_t, x0_hat)."""
     t_prev = t - 1 if t_prev is None else t_prev
@@ -147,7 +155,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, alphas_cumprod: torc
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas_cumprod: torch.Tensor,
-              eta: float = 0.0, generator: torch.Generator | None = None, clip: ClipFn | None = None,
+              eta: float = 0.0, generator: Generators = None, clip: ClipFn | None = None,
               noise: torch.Tensor | None = None) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (DDIM eq. 12):
         x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
@@ -186,10 +194,11 @@ def make_clip(mode: str | None, data_channels: int = 3) -> ClipFn | None:
 @torch.no_grad()
 def sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
            alphas_cumprod: torch.Tensor, *, sampler: str = "ddim", steps: int = 250, eta: float = 0.0,
-           clip: ClipFn | None = None, generator: torch.Generator | None = None,
+           clip: ClipFn | None = None, generator: Generators = None,
            device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """Draw x_T ~ N(0, I) and denoise with `steps` sampler steps; eps_fn(x_t, t (B,) long) -> eps.
-    sampler "ddpm" is ancestral sampling (respaced when steps < T); "ddim" uses `eta` (0: deterministic)."""
+    sampler "ddpm" is ancestral sampling (respaced when steps < T); "ddim" uses `eta` (0: deterministic).
+    `generator`: one for the batch, or one per image (see `_randn`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     T = len(alphas_cumprod)
