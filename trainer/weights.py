@@ -1,51 +1,215 @@
-"""Pre-trained weights for fine-tuning (`finetune.py --init`): where they come from and how they are applied.
+"""Model weights: where they come from, how they are checked, and the ready-to-sample model built from them.
 
 Sources (never unpickling code: safetensors, or `torch.load(weights_only=True)`):
 - a DeepSpeed run directory, its `checkpoints/` folder or one tag folder: the EMA weights from the client state
-  of rank 0's model-states file (the weights the paper samples from and publishes);
-- a `.safetensors` file, local or any fsspec URL (`s3://...`): an exported model (`python -m trainer.export`).
+  of rank 0's model-states file (the weights the paper samples from and publishes), with the run's config;
+- a `.safetensors` file, local or any fsspec URL (`s3://...`): an exported model (`python -m trainer.export`),
+  checked against `NAME.safetensors.sha256` when that file sits beside it;
+- a published model: a folder or URL prefix holding `index.json` (`trainer.export --publish`): the weights it
+  names are fetched and must match its sha256, otherwise they are refused.
+
+    state = load_pretrained("s3://bucket/models/vggface2-S")        # {name: fp32 tensor} (finetune --init)
+    model, cfg, meta = load_model("runs/vggface2-S", device="cuda")  # U-ViT in eval mode (EMA), config, metadata
+
+The metadata of an exported file (safetensors metadata is str -> str; every value except "format" is JSON) is
+described in trainer/export.py; `read_weights` decodes it into the same dict a DeepSpeed checkpoint gives.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from pathlib import Path
 
 import torch
 
-__all__ = ["load_pretrained", "apply_pretrained"]
+__all__ = ["load_pretrained", "apply_pretrained", "load_model", "read_weights", "read_deepspeed",
+           "decode_metadata", "header_metadata", "sha256_file", "FORMAT_VERSION", "INDEX", "MODEL_STATES"]
 
+FORMAT_VERSION = 1            # of the exported metadata and the published index.json
+INDEX = "index.json"          # a published model's table of contents, uploaded last
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
-def _deepspeed_tag_dir(path: Path) -> Path:
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- DeepSpeed checkpoints ---------------------------------------------------------------------------------------
+
+def _model_states(path: Path, tag: str | None) -> Path | None:
+    """Rank 0's model-states file for a run dir / checkpoints dir / tag dir (the latest tag unless `tag`)."""
     for ckpt in (path, path / "checkpoints"):
-        if (ckpt / "latest").is_file():
-            return ckpt / (ckpt / "latest").read_text().strip()
-    return path
+        name = tag or ((ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None)
+        if name is not None and (ckpt / name).is_dir():
+            path = ckpt / name
+            break
+    return next((path / n for n in MODEL_STATES if (path / n).is_file()), None)
 
 
-def load_pretrained(source: str) -> dict[str, torch.Tensor]:
-    """{parameter name: fp32 tensor} from a DeepSpeed checkpoint (EMA weights) or a safetensors file/URL."""
-    from safetensors.torch import load as load_safetensors
-
-    if source.endswith(".safetensors"):
-        if "://" in source:
-            import fsspec
-
-            with fsspec.open(source, "rb") as f:
-                return {k: v.float() for k, v in load_safetensors(f.read()).items()}
-        if not Path(source).is_file():
-            raise SystemExit(f"error: --init {source}: no such file")
-        return {k: v.float() for k, v in load_safetensors(Path(source).read_bytes()).items()}
-    tag = _deepspeed_tag_dir(Path(source))
-    states = next((tag / n for n in MODEL_STATES if (tag / n).is_file()), None)
+def read_deepspeed(source: str | Path, tag: str | None = None) -> tuple[dict, Path]:
+    """(client state, model-states file) of a maskdm DeepSpeed checkpoint; SystemExit naming the path otherwise."""
+    path = Path(source)
+    if not path.is_dir():
+        raise SystemExit(f"error: {source}: no such directory (give a training run directory, its checkpoints/ "
+                         f"folder, one checkpoint tag folder, or a .safetensors file)")
+    states = _model_states(path, tag)
     if states is None:
-        raise SystemExit(f"error: --init {source}: neither a .safetensors file nor a DeepSpeed checkpoint "
-                         f"(no checkpoints/latest, and no {MODEL_STATES[0]} in {tag})")
+        what = f"no checkpoint tag {tag!r}" if tag else "no checkpoints/latest"
+        raise SystemExit(f"error: {source}: neither a .safetensors file, a published model ({INDEX}) nor a "
+                         f"DeepSpeed checkpoint ({what}, and no {MODEL_STATES[0]} in it): give the --run-dir of "
+                         f"pretrain.py/finetune.py, its checkpoints/ folder or one tag folder")
     client = torch.load(io.BytesIO(states.read_bytes()), map_location="cpu", weights_only=True)
     if "ema" not in client:
-        raise SystemExit(f"error: --init {source}: {states} has no EMA weights (not a maskdm checkpoint)")
-    return dict(client["ema"]["shadow"])
+        raise SystemExit(f"error: {source}: {states} has no EMA weights (not a maskdm checkpoint)")
+    return client, states
+
+
+def _deepspeed_weights(source: str, tag: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+    client, states = read_deepspeed(source, tag)
+    meta = {"source": source, "kind": "deepspeed", "checkpoint": str(states.parent), "tag": states.parent.name,
+            "dtype": "float32", "step": client.get("step"), "ema_decay": client["ema"].get("decay")}
+    if "config" in client:
+        meta["config"] = client["config"]
+        if meta["step"] is not None:
+            meta["images"] = meta["step"] * client["config"]["train"]["global_batch"]
+    return dict(client["ema"]["shadow"]), meta
+
+
+# --- safetensors and published models ----------------------------------------------------------------------------
+
+def decode_metadata(raw: dict[str, str] | None) -> dict:
+    """safetensors metadata (str -> str) -> values: JSON decoded where they are JSON, plain strings otherwise."""
+    out = {}
+    for k, v in (raw or {}).items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def header_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: 8-byte little-endian header length, then the JSON header."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+
+
+def _fs(url: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise SystemExit(f"error: {url}: {e}. Install the bucket support with: pip install 'maskdm[s3]'") from None
+
+
+def _safetensors_weights(source: str) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load as load_safetensors
+
+    if "://" not in source and not Path(source).is_file():
+        raise SystemExit(f"error: {source}: no such file")
+    fs, path = _fs(source)
+    data = fs.cat_file(path)
+    digest = hashlib.sha256(data).hexdigest()
+    try:  # `model.safetensors.sha256` beside it (sha256sum format): check it when it is there
+        expected = fs.cat_file(path + ".sha256").decode().split()[0]
+    except (FileNotFoundError, IndexError):
+        expected = None
+    if expected is not None and expected != digest:
+        raise SystemExit(f"error: {source}: sha256 {digest} does not match {source}.sha256 ({expected}): the file is "
+                         f"corrupt or incomplete; download or export it again")
+    meta = {**decode_metadata(header_metadata(data)), "source": source, "kind": "safetensors", "sha256": digest}
+    return load_safetensors(data), meta
+
+
+def _published_weights(source: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Weights of a published prefix (None if there is no index.json), verified against the index's sha256."""
+    from safetensors.torch import load as load_safetensors
+
+    fs, root = _fs(source)
+    root = root.rstrip("/")
+    try:
+        index = json.loads(fs.cat_file(f"{root}/{INDEX}"))
+    except FileNotFoundError:
+        return None
+    if index.get("maskdm_published", 0) > FORMAT_VERSION:
+        raise SystemExit(f"error: {source}: published with a newer maskdm (format {index['maskdm_published']}); "
+                         f"upgrade maskdm")
+    try:
+        name = index["weights"]
+        expected = index["files"][name]["sha256"]
+    except (KeyError, TypeError):
+        raise SystemExit(f"error: {source}: malformed {INDEX} (no weights entry with a sha256)") from None
+    data = fs.cat_file(f"{root}/{name}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise SystemExit(f"error: {source}: {name} has sha256 {digest} but {INDEX} says {expected}: the object is "
+                         f"corrupt, truncated or being replaced; refusing it. Publish it again with "
+                         f"`python -m trainer.export RUN --out DIR/{name} --publish {source}`")
+    meta = {**decode_metadata(header_metadata(data)), "source": source, "kind": "published", "sha256": digest,
+            "published": index}
+    return load_safetensors(data), meta
+
+
+def read_weights(source: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """({name: tensor as stored}, metadata) from any source listed in the module docstring. The metadata holds
+    at least source and kind ("deepspeed", "safetensors", "published"), and for maskdm weights the config
+    (`ExperimentConfig.to_dict()`), step and images."""
+    source = str(source)
+    if source.endswith(".safetensors"):
+        return _safetensors_weights(source)
+    if source.rstrip("/").endswith("/" + INDEX):
+        source = source.rstrip("/")[: -len(INDEX) - 1]
+    if "://" in source or (Path(source) / INDEX).is_file():
+        found = _published_weights(source)
+        if found is not None:
+            return found
+        if "://" in source:
+            raise SystemExit(f"error: {source}: no {INDEX} there, so not a published model (or its publishing has "
+                             f"not finished: {INDEX} is uploaded last). A single file needs its .safetensors URL")
+    return _deepspeed_weights(source, tag)
+
+
+# --- what the CLIs call ------------------------------------------------------------------------------------------
+
+def load_pretrained(source: str) -> dict[str, torch.Tensor]:
+    """{parameter name: fp32 tensor} from a DeepSpeed checkpoint (EMA weights), a safetensors file/URL or a
+    published model."""
+    state, _ = read_weights(source)
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_model(source: str, device: torch.device | str = "cpu"):
+    """(U-ViT in eval mode holding the EMA weights, ExperimentConfig, metadata) for sampling and evaluation.
+    The model is built from the checkpoint's config exactly as the training loop builds it, in fp32 (weights
+    exported in fp16 are widened); every parameter must be present. The metadata: step, images, source, kind,
+    dtype, params, and what the export recorded (metrics, data, ...)."""
+    from trainer.config import ExperimentConfig
+    from trainer.models import build_model
+
+    state, meta = read_weights(source)
+    if "config" not in meta:
+        raise SystemExit(f"error: {source}: no maskdm config in its metadata (not written by python -m trainer.export);"
+                         f" build the model yourself and load the weights with trainer.weights.load_pretrained")
+    if isinstance(meta.get("maskdm_format"), int) and meta["maskdm_format"] > FORMAT_VERSION:
+        raise SystemExit(f"error: {source}: exported by a newer maskdm (format {meta['maskdm_format']}); upgrade")
+    try:
+        cfg = ExperimentConfig.from_dict(meta.pop("config"), where=f"{source} (config)")
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    m = cfg.model
+    model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, **m.overrides)
+    missing, unexpected = apply_pretrained(model, {k: v.float() for k, v in state.items()})
+    if missing or unexpected:
+        raise SystemExit(f"error: {source}: the weights do not match the model of its own config: missing "
+                         f"{missing}, unexpected {unexpected}")
+    meta["params"] = sum(p.numel() for p in model.parameters())
+    return model.to(device).eval(), cfg, meta
 
 
 def apply_pretrained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
