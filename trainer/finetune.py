@@ -4,7 +4,8 @@
         --config configs/celebahq_finetune_10pct_S.yaml --deepspeed_config ds_configs/zero2_fp16.json \
         --run-dir runs/ft10 [--resume auto] [--until-step N]
 
-`--init` takes a DeepSpeed run (its EMA weights) or an exported .safetensors (local or s3://...). The missing and
+`--init` takes a DeepSpeed run (its EMA weights), an exported .safetensors (local or s3://...) or a published
+model prefix (`python -m trainer.export ... --publish URL`; its sha256 is verified). The missing and
 unexpected keys are reported; a shape mismatch stops with the names. Once the run has its own checkpoints,
 running the same command resumes it (the --init weights are then not read again).
 """
