@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.pretrain import load, parse  # noqa: E402
+from trainer.pretrain import dry_run, load, parse  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -29,6 +29,8 @@ def main(argv=None) -> None:
 
     args = parse(argv, description=__doc__, extra=[("--init", dict(required=True, help="pre-trained weights"))])
     cfg, ds = load(args)
+    if args.dry_run:
+        return dry_run(args, cfg, ds)
     if cfg.mask.rate != 0:
         raise SystemExit(f"error: {args.config}: fine-tuning trains on every patch; set mask.rate: 0 "
                          f"(it is {cfg.mask.rate})")

@@ -2,6 +2,7 @@
 
     deepspeed [--num_gpus N | --hostfile H] trainer/pretrain.py --config configs/X.yaml \
         --deepspeed_config ds_configs/zero2_fp16.json --run-dir runs/X [--resume auto|none|TAG] [--until-step N]
+    python trainer/pretrain.py ... --dry-run [--world-size 16]     # the plan: batch arithmetic, shards per rank
 
 Everything about the experiment is in the YAML (`--set section.key=value` overrides one entry); the DeepSpeed
 JSON holds the ZeRO stage, precision and gradient clipping. On CPU: `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 ...`.
@@ -32,6 +33,10 @@ def parse(argv=None, description=__doc__, extra=()) -> argparse.Namespace:
     p.add_argument("--until-step", type=int, help="stop cleanly at this step (scheduled jobs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config entry (YAML value), e.g. --set train.steps=10")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, batch arithmetic, shard "
+                   "assignment per rank/worker and the resume plan; do not train (no launcher needed)")
+    p.add_argument("--world-size", type=int, help="--dry-run: the number of GPUs to plan for (default: the "
+                   "launcher's WORLD_SIZE, else 1)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 
@@ -53,11 +58,22 @@ def load(args) -> tuple[ExperimentConfig, dict]:
     return cfg, json.loads(ds_path.read_text())
 
 
+def dry_run(args, cfg, ds) -> None:
+    import os
+
+    from trainer.dryrun import dry_run as report
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(report(cfg, ds, args.run_dir, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.resume))
+
+
 def main(argv=None) -> None:
     from trainer.loop import training_loop
 
     args = parse(argv)
     cfg, ds = load(args)
+    if args.dry_run:
+        return dry_run(args, cfg, ds)
     training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step)
 
 

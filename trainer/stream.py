@@ -157,6 +157,25 @@ class ShardStream(IterableDataset):
         rng.shuffle(buffer)
         yield from buffer
 
+    # -- what each slot reads (for `pretrain.py --dry-run`) ----------------------------------------------------
+
+    def assignment(self, slot: int) -> dict:
+        """Slot `slot` (= rank * workers + worker) in epoch 0 ("exact": all its shards; "resampled": its first
+        chunk, an example of an endless random draw): shard names, and samples where the manifest knows them."""
+        S = self.world * self.W
+        if self.cfg.order == "resampled":
+            shards, stride = self._chunk_plan(slot, S, 0)[:2]
+        elif len(self.all_shards) < S:
+            shards, stride = self._epoch_order(0), S
+        else:
+            shards, stride = self._epoch_order(0)[slot::S], None
+        known = all(sh.samples is not None for sh in shards)
+        samples = sum(sh.samples for sh in shards) if known else None
+        if samples is not None and stride is not None:
+            samples = len(range(slot, samples, stride))
+        return {"slot": slot, "shards": [sh.url.rsplit("/", 1)[-1] for sh in shards], "samples": samples,
+                "split_by_sample": stride is not None}
+
     # -- the iterator ---------------------------------------------------------------------------------------
 
     def __iter__(self):

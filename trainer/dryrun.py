@@ -1,0 +1,102 @@
+"""`trainer/pretrain.py --dry-run` (and finetune.py): what a launch would do, without DeepSpeed or training.
+
+    python trainer/pretrain.py --config configs/vggface2_pretrain_S.yaml --deepspeed_config ds_configs/zero2_fp16.json \
+        --run-dir runs/S --dry-run --world-size 16
+
+Prints the resolved config, the batch arithmetic per rank, the data sets (shards, samples, steps per epoch,
+epochs over the run), which shards each rank and DataLoader worker reads, the DeepSpeed settings that matter
+(ZeRO stage, precision, clipping) and what `--resume` would load. The world size comes from --world-size, else
+from the launcher's WORLD_SIZE, else 1. Reads only manifests (local or bucket), never a shard.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.checkpoints import checkpoint_world, plan_resume
+from trainer.config import ExperimentConfig, batch_arithmetic
+from trainer.stream import ShardStream, StreamConfig
+
+__all__ = ["dry_run"]
+
+
+def _precision(ds: dict) -> str:
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16 (dynamic loss scaling)" if ds["fp16"].get("loss_scale", 0) == 0 else "fp16 (static scale)"
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp32"
+
+
+def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, resume: str = "auto",
+            max_slots: int = 64) -> str:
+    """The report as text (also the return value of the CLI's --dry-run)."""
+    t, m = cfg.train, cfg.model
+    lines = ["# resolved config", cfg.to_yaml().rstrip(), ""]
+    try:
+        acc = batch_arithmetic(t.global_batch, t.micro_batch, world)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    lines += ["# batch arithmetic",
+              f"world size {world} x micro batch {t.micro_batch} x gradient accumulation {acc} = global batch "
+              f"{t.global_batch}",
+              f"per rank and optimiser step: {t.micro_batch * acc} images in {acc} micro-batches; "
+              f"{t.steps} steps = {t.steps * t.global_batch:,} images",
+              f"model: {m.preset}, input {m.input} {m.in_channels}x{m.model_size}x{m.model_size}, patch "
+              f"{m.patch_size}; mask {cfg.mask.kind} rate {cfg.mask.rate} (block {cfg.mask.block})",
+              f"deepspeed: ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}, {_precision(ds)}, "
+              f"gradient clipping {ds.get('gradient_clipping', 'none')}", ""]
+
+    stream = ShardStream(StreamConfig(cfg.data.sources, cfg.data.weights, m.input,
+                                      m.image_size if m.input == "pixel" else None, cfg.data.order,
+                                      t.micro_batch, cfg.data.shards_per_chunk, cfg.data.buffer, cfg.data.flip,
+                                      t.seed), 0, world, cfg.data.workers)
+    lines.append(f"# data ({cfg.data.order} order, {cfg.data.workers} workers per rank)")
+    total = 0
+    for i, (src, shards) in enumerate(zip(cfg.data.sources, stream.sources)):
+        n = sum(sh.samples or 0 for sh in shards) if all(sh.samples is not None for sh in shards) else None
+        total = None if n is None or total is None else total + n
+        weight = f", weight {cfg.data.weights[i]}" if cfg.data.weights else ""
+        lines.append(f"{src}: {len(shards)} shards, {f'{n:,}' if n is not None else 'unknown'} samples{weight}")
+    if total:
+        per_epoch = total / t.global_batch
+        lines.append(f"one epoch = {total:,} samples = {per_epoch:,.1f} steps; the run ({t.steps} steps) = "
+                     f"{t.steps / per_epoch:,.2f} epochs")
+    S = world * stream.W
+    if cfg.data.order == "exact" and len(stream.all_shards) < S:
+        lines.append(f"fewer shards ({len(stream.all_shards)}) than ranks x workers ({S}): every reader reads "
+                     f"all shards and keeps 1/{S} of the samples (correct, but reads {S}x the data: make more, "
+                     f"smaller shards)")
+    what = "epoch 0" if cfg.data.order == "exact" else "first chunk of an endless weighted draw"
+    lines += ["", f"# shard assignment per rank and worker ({what})"]
+    for slot in range(min(S, max_slots)):
+        a = stream.assignment(slot)
+        rank, worker = divmod(slot, stream.W)
+        names = a["shards"]
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} shards)" if len(names) > 6 else "")
+        lines.append(f"rank {rank} worker {worker}: {shown}"
+                     + (f"; {a['samples']:,} samples" if a["samples"] is not None else ""))
+    if S > max_slots:
+        lines.append(f"... ({S - max_slots} more)")
+    if cfg.data.order == "exact":
+        counts = [stream.assignment(s)["samples"] for s in range(S)]
+        if all(c is not None for c in counts) and counts:
+            lines.append(f"samples per reader in an epoch: min {min(counts):,}, max {max(counts):,}")
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    lines += ["", "# resume"]
+    try:
+        tag, universal = plan_resume(ckpt_dir, resume, world)
+    except SystemExit as e:
+        lines.append(str(e))
+    else:
+        if tag is None:
+            lines.append(f"starts from scratch ({ckpt_dir} has no checkpoint, or --resume none)")
+        elif universal:
+            base = tag.removesuffix("_universal")
+            lines.append(f"loads {ckpt_dir / base} (written by {checkpoint_world(ckpt_dir / base)} ranks) through "
+                         f"its universal form {tag} (converted at start if missing); the data stream restarts")
+        else:
+            lines.append(f"loads {ckpt_dir / tag} and continues its data stream exactly")
+    lines.append(f"logs: {Path(run_dir) / 'metrics.jsonl'}; checkpoints every {t.ckpt_every} steps; samples every "
+                 f"{t.sample_every}")
+    return "\n".join(lines)
