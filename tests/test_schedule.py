@@ -1,0 +1,55 @@
+"""trainer.schedule end to end on CPU against the local S3 endpoint: two invocations train, evaluate, export and
+publish successive milestones; further invocations are no-ops; a milestone trained but not published (a killed
+invocation) is published without training again."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from test_trainer import shards, write_config  # noqa: F401 - the module-scoped shard fixture
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def schedule(cfg, dsc, run, ref, *extra):
+    launcher = f"{sys.executable} -m deepspeed.launcher.runner --num_gpus 2 --master_port {free_port()}"
+    cmd = [sys.executable, "-m", "trainer.schedule", "--config", str(cfg), "--deepspeed_config", str(dsc),
+           "--run-dir", str(run), "--every", "2", "--publish", "s3://test-bucket/models/tiny", "--launcher", launcher,
+           "--ref", str(ref), "--eval-n", "4", "--eval-steps", "2", "--eval-metrics", "fid", *extra]
+    r = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_two_invocations_publish_two_milestones(tmp_path, shards, s3_server):  # noqa: F811
+    import fsspec
+
+    from trainer.weights import load_model
+
+    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=100, stage=2)
+    run = tmp_path / "run"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    out1 = schedule(cfg, dsc, run, shards)
+    assert "training to step 2" in out1 and "published step 2" in out1
+    assert json.loads(fs.cat_file("test-bucket/models/tiny/latest.json"))["step"] == 2
+    out2 = schedule(cfg, dsc, run, shards)
+    assert "training to step 4" in out2 and "published step 4" in out2
+    latest = json.loads(fs.cat_file("test-bucket/models/tiny/latest.json"))
+    assert latest["step"] == 4 and latest["url"] == "s3://test-bucket/models/tiny/step00000004"
+    model, config, meta = load_model(latest["url"])
+    assert meta["step"] == 4 and "fid" in json.dumps(meta["metrics"]["eval"])  # the evaluation is in the card
+    assert sorted(json.loads((run / "published.json").read_text())) == ["2", "4"]
+    assert "nothing to do" in schedule(cfg, dsc, run, shards)
+    # an invocation killed after training: the milestone is published, not trained again
+    published = json.loads((run / "published.json").read_text())
+    del published["4"]
+    (run / "published.json").write_text(json.dumps(published))
+    out = schedule(cfg, dsc, run, shards)
+    assert "training to" not in out and "evaluating" not in out, out
+    assert "nothing uploaded" in out and "published step 4" in out, out

@@ -1,0 +1,148 @@
+"""Scheduled pre-training of public checkpoints: run this from cron or a recurring Slurm job.
+
+    python -m trainer.schedule --config configs/vggface2_pretrain_S.yaml --deepspeed_config ds_configs/zero2_fp16.json \
+        --run-dir /shared/runs/vggface2-S --every 50000 --publish s3://bucket/models/vggface2-S \
+        [--ref s3://bucket/shards/celebahq-train --eval-n 10000 --eval-steps 100] \
+        [--launcher "deepspeed --num_gpus 8"] [--set section.key=value ...]
+
+Each invocation does at most one milestone (M = a multiple of --every, or the run's last step):
+1. If the latest checkpoint is a milestone that is not yet published (a previous invocation was killed after
+   training), it goes straight to 3.
+2. Otherwise it trains from the latest checkpoint up to the next milestone: `LAUNCHER trainer/pretrain.py
+   --until-step M` (the trainer resumes exactly and stops cleanly at M, saving checkpoint stepM).
+3. Evaluates checkpoint M against --ref (FID/KID, `trainer.evaluate`: result appended to the run's metrics.jsonl,
+   so it lands in the model card), exports its EMA weights (`trainer.export`, --dtype) and publishes them to
+   PUBLISH/stepM; then points PUBLISH/latest.json at it and records it in RUN_DIR/published.json.
+Idempotent: a milestone in published.json is never redone, and publishing the same bytes again uploads nothing,
+so a killed invocation is simply run again. Two invocations never run at once (RUN_DIR/schedule.lock, flock;
+a second one exits 0 saying so). When the run has published its last step, invocations do nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from trainer.checkpoints import latest_tag
+
+__all__ = ["next_action", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _published(run_dir: Path) -> dict:
+    path = run_dir / "published.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _tag_step(tag: str | None) -> int:
+    return int(tag.removeprefix("step")) if tag and tag.startswith("step") and tag[4:].isdigit() else 0
+
+
+def next_action(run_dir: Path, every: int, total_steps: int) -> tuple[str, int]:
+    """("publish", M) when the latest checkpoint is an unpublished milestone; ("train", M) for the next
+    milestone; ("done", last) when the last step is published."""
+    step = _tag_step(latest_tag(run_dir / "checkpoints"))
+    published = _published(run_dir)
+    milestone = step == total_steps or (step > 0 and step % every == 0)
+    if milestone and str(step) not in published:
+        return "publish", step
+    if step >= total_steps:
+        return "done", step
+    return "train", min((step // every + 1) * every, total_steps)
+
+
+def _evaluated(run_dir: Path, step: int, n: int, steps: int) -> bool:
+    """An evaluation of checkpoint `step` with these settings is already in metrics.jsonl (a killed invocation
+    got that far): evaluating again would only add a second record."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if r.get("eval") and r.get("step") == step and r.get("n") == n and r.get("steps") == steps:
+            return True
+    return False
+
+
+def _run(cmd: list[str], what: str, env=None) -> None:
+    print(f"[schedule] {what}: {shlex.join(cmd)}", flush=True)
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"error: {what} failed (exit {r.returncode}); nothing was published. Run the schedule "
+                         f"again once fixed: it continues from the latest checkpoint")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m trainer.schedule", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--deepspeed_config", required=True)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--every", type=int, required=True, help="milestone spacing in optimiser steps")
+    p.add_argument("--publish", required=True, help="URL prefix; milestone M goes to PUBLISH/stepM")
+    p.add_argument("--launcher", default="deepspeed", help='training launcher command, e.g. "deepspeed '
+                   '--num_gpus 8" or "deepspeed --hostfile hosts" (default: deepspeed, all local GPUs)')
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--ref", help="reference set for FID/KID at each milestone (skipped without it)")
+    p.add_argument("--eval-n", type=int, default=10_000)
+    p.add_argument("--eval-steps", type=int, default=100)
+    p.add_argument("--eval-metrics", default="fid,kid")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"), help="exported weights")
+    args = p.parse_args(argv)
+    if args.every < 1:
+        raise SystemExit("error: --every must be >= 1")
+    from trainer.pretrain import load
+
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg, _ = load(argparse.Namespace(config=args.config, deepspeed_config=args.deepspeed_config, set=args.set))
+    lock = open(run_dir / "schedule.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"[schedule] another invocation holds {run_dir / 'schedule.lock'}: nothing to do", flush=True)
+        return
+    action, milestone = next_action(run_dir, args.every, cfg.train.steps)
+    if action == "done":
+        print(f"[schedule] {run_dir}: step {milestone} of {cfg.train.steps} trained and published: nothing to do")
+        return
+    if action == "train":
+        sets = [x for s in args.set for x in ("--set", s)]
+        _run([*shlex.split(args.launcher), str(REPO / "trainer" / "pretrain.py"), "--config", args.config,
+              "--deepspeed_config", args.deepspeed_config, "--run-dir", str(run_dir), "--until-step",
+              str(milestone), *sets], f"training to step {milestone}")
+        got = _tag_step(latest_tag(run_dir / "checkpoints"))
+        if got != milestone:
+            raise SystemExit(f"error: training ended at checkpoint step {got}, not the milestone {milestone}")
+    tag = f"step{milestone:08d}"
+    if args.ref and not _evaluated(run_dir, milestone, args.eval_n, args.eval_steps):
+        _run([sys.executable, "-m", "trainer.evaluate", "--ckpt", str(run_dir / "checkpoints" / tag), "--ref",
+              args.ref, "--n", str(args.eval_n), "--steps", str(args.eval_steps), "--metrics", args.eval_metrics],
+             f"evaluating {tag}")
+    url = f"{args.publish.rstrip('/')}/{tag}"
+    out = run_dir / "export" / tag / "model.safetensors"
+    _run([sys.executable, "-m", "trainer.export", str(run_dir), "--tag", tag, "--out", str(out), "--dtype",
+          args.dtype, "--publish", url], f"exporting and publishing {tag}")
+    from pipeline.store import Store
+
+    digest = (out.parent / "model.safetensors.sha256").read_text().split()[0]
+    record = {"url": url, "sha256": digest, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Store(args.publish).write_json("latest.json", {"step": milestone, **record})
+    published = _published(run_dir)
+    published[str(milestone)] = record
+    tmp = run_dir / "published.json.tmp"
+    tmp.write_text(json.dumps(published, indent=1))
+    os.replace(tmp, run_dir / "published.json")
+    print(f"[schedule] published step {milestone}: {url}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
