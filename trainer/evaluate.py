@@ -233,15 +233,22 @@ def reference_features(src: ImageSource, side: int, limit: int | None, inception
 # --- metrics ---------------------------------------------------------------------------------------------------------
 
 def compute_metrics(fake: ImageSource, ref: ImageSource, metrics=METRICS, *, n: int | None = None,
-                    ref_n: int | None = None, swd_n: int = 4096, device="cpu", batch: int = 64, seed: int = 0,
-                    log=print) -> dict:
-    """{metric: value, ...} of `fake` (its first n images) against `ref` (its first ref_n, default all)."""
+                    ref_n: int | None = None, swd_n: int = 4096, side: int | None = None, device="cpu",
+                    batch: int = 64, seed: int = 0, log=print) -> dict:
+    """{metric: value, ...} of `fake` (its first n images) against `ref` (its first ref_n, default all), both at
+    `side` px (default: the side of the first fake image)."""
     from trainer import metrics as M
 
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise SystemExit(f"error: --metrics {sorted(unknown)}: choose from {', '.join(METRICS)}")
-    side = fake.first_side()
+    side = side or fake.first_side()
+    if "swd" in metrics:
+        levels = M.swd_resolutions(side)
+        if not levels or side % 2 ** (len(levels) - 1):
+            raise SystemExit(f"error: SWD compares images whose side halves evenly down to 16..31 px (64, 128, "
+                             f"256, ...), these are {side} px: pass --size 64 (or another such side) or leave swd "
+                             f"out of --metrics")
     n_fake = len(fake) if n is None else min(n, len(fake))
     if n is not None and n_fake < n:
         raise SystemExit(f"error: {fake.source} has {len(fake)} images, fewer than --n {n}")
@@ -334,6 +341,8 @@ def main(argv=None) -> None:
     p.add_argument("--n", "--num-images", dest="n", type=int, help="images to sample / to take from --fake "
                    "(--ckpt default 10000; --fake default: all)")
     p.add_argument("--ref-n", type=int, help="reference images to use (default: all, the FID-N protocol)")
+    p.add_argument("--size", type=int, help="compare at this side in px, both sets resized (default: the side "
+                   "of the first --fake/sampled image)")
     p.add_argument("--swd-n", type=int, default=4096, help="images per side for SWD (memory: 75 KB/image/level)")
     p.add_argument("--metrics", default="fid,kid,swd", help="comma-separated: fid, kid, swd")
     p.add_argument("--steps", type=int, default=250)
@@ -381,8 +390,8 @@ def main(argv=None) -> None:
     if rank != 0:
         return
     start = time.time()
-    result = compute_metrics(fake, ref, metrics, n=args.n, ref_n=args.ref_n, swd_n=args.swd_n, device=device,
-                             batch=args.batch, seed=args.seed)
+    result = compute_metrics(fake, ref, metrics, n=args.n, ref_n=args.ref_n, swd_n=args.swd_n, side=args.size,
+                             device=device, batch=args.batch, seed=args.seed)
     result = {**extra, **result, "seconds": round(time.time() - start, 1)}
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(result, indent=1))
