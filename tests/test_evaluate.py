@@ -108,7 +108,7 @@ def test_clear_errors(sets, tmp_path):
         evaluate_main(["--fake", str(tmp_path / "empty"), "--ref", str(sets / "shards")])
     with pytest.raises(SystemExit, match="fewer than --n 100"):
         evaluate_main(["--fake", str(sets / "png"), "--ref", str(sets / "shards"), "--n", "100"])
-    with pytest.raises(SystemExit, match="pass --size 64"):  # 48 px does not halve down to 16..31
-        evaluate_main(["--fake", str(sets / "png"), "--ref", str(sets / "shards"), "--size", "48"])
+    with pytest.raises(SystemExit, match="pass --size 64"):  # 90 px does not halve evenly down to 16..31
+        evaluate_main(["--fake", str(sets / "png"), "--ref", str(sets / "shards"), "--size", "90"])
     with pytest.raises(SystemExit, match="--metrics"):
         evaluate_main(["--fake", str(sets / "png"), "--ref", str(sets / "shards"), "--metrics", "is"])
