@@ -50,17 +50,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0) -> Path:
-    """`train.sample_n` images from the EMA weights (DDIM, `train.sample_steps`, fixed seed) as one PNG."""
+def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0, device="cpu") -> Path:
+    """`train.sample_n` images from the EMA weights (DDIM, `train.sample_steps`, fixed seed) as one PNG, drawn on
+    `device` (rank 0's GPU in training: on a CPU a large model would keep the other ranks waiting for minutes)."""
     from trainer.diffusion import make_clip, sample
     from trainer.images import save_grid, to_rgb_uint8
 
     m = cfg.model
     model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, **m.overrides).eval()
     ema.copy_to(model)
+    model.to(device)
     x = sample(model, (cfg.train.sample_n, m.in_channels, m.model_size, m.model_size),
                alphas_cumprod(make_betas(cfg.train.schedule)), steps=cfg.train.sample_steps,
-               clip=make_clip(m.input), generator=torch.Generator().manual_seed(seed))
+               clip=make_clip(m.input), generator=torch.Generator().manual_seed(seed), device=device)
+    del model
     return save_grid(to_rgb_uint8(x, m.input), path)
 
 
@@ -241,7 +244,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                     board.flush()
         bar.update(1)
         if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
-            png = sample_grid(cfg, ema, run_dir / "samples" / f"step{step:08d}.png")
+            png = sample_grid(cfg, ema, run_dir / "samples" / f"step{step:08d}.png", device=device)
             metrics.write(json.dumps({"step": step, "samples": str(png)}) + "\n")
             if board is not None:
                 board.add_image("samples", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")

@@ -62,7 +62,11 @@ def launch(script: str, run_dir: Path, ranks: int, sets: list[str], *extra: str)
         port = s.getsockname()[1]
     gpu = _has_cuda()
     env = dict(os.environ) if gpu else {**os.environ, "DS_ACCELERATOR": "cpu"}
-    ds = "zero2_bf16.json" if gpu else "cpu_fp32.json"
+    ds = "cpu_fp32.json"
+    if gpu:  # bf16 needs Ampere (compute capability 8.0) or newer; V100 trains in fp16 with loss scaling
+        import torch
+
+        ds = "zero2_bf16.json" if torch.cuda.get_device_capability(0)[0] >= 8 else "zero2_fp16.json"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
            str(port), str(REPO / "trainer" / script), "--config", str(REPO / "configs" / "quickstart.yaml"),
            "--deepspeed_config", str(REPO / "ds_configs" / ds), "--run-dir", str(run_dir), *extra]
