@@ -1,6 +1,6 @@
 """trainer.schedule end to end on CPU against the local S3 endpoint: two invocations train, evaluate, export and
 publish successive milestones; further invocations are no-ops; a milestone trained but not published (a killed
-invocation) is published without training again."""
+invocation) is published without training again; a 2-rank fine-tune starts from the published URL."""
 import json
 import os
 import subprocess
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
-from test_trainer import shards, write_config  # noqa: F401 - the module-scoped shard fixture
+from test_trainer import launch_script, records, shards, write_config  # noqa: F401 - shards: a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -53,3 +53,10 @@ def test_two_invocations_publish_two_milestones(tmp_path, shards, s3_server):  #
     out = schedule(cfg, dsc, run, shards)
     assert "training to" not in out and "evaluating" not in out, out
     assert "nothing uploaded" in out and "published step 4" in out, out
+    # fine-tuning (2 ranks, the real launcher) from the published URL
+    ft_cfg = tmp_path / "ft.yaml"
+    ft_cfg.write_text(cfg.read_text().replace("rate: 0.5", "rate: 0.0").replace("steps: 4", "steps: 2"))
+    r = launch_script("finetune.py", ft_cfg, dsc, tmp_path / "ft", "--init", latest["url"])
+    init = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"init"'))
+    assert init["missing_keys"] == [] and init["unexpected_keys"] == []
+    assert [x["step"] for x in records(tmp_path / "ft")] == [2]
