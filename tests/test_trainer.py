@@ -215,3 +215,30 @@ def test_nonfinite_loss_without_loss_scaling_saves_and_stops(tmp_path, shards):
     assert r.returncode != 0 and "non-finite loss at step 2" in r.stdout + r.stderr
     client = final_state(tmp_path / "run", "nonfinite-step00000002")
     assert client["step"] == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, shards):
+    cfg, dsc = write_config(tmp_path, shards, steps=100_000, ckpt_every=7, stage=2)
+    run = tmp_path / "run"
+    proc = launch(cfg, dsc, run, wait=False)
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists():
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as Slurm's time limit or scancel does
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 120
+    while True:  # the ranks outlive the runner while they save
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the ranks did not stop"
+        time.sleep(0.1)
+    release_shm(proc.args[proc.args.index("--master_port") + 1])
+    stopped = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "stopped" in r]
+    assert len(stopped) == 1
+    step = stopped[0]["step"]
+    assert latest.read_text().strip() == f"step{step:08d}" and final_state(run, f"step{step:08d}")["step"] == step

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -76,6 +77,27 @@ def release_shm(port: str | int | None, addr: str = "127.0.0.1", rank: int | str
                 os.unlink(f)
             except FileNotFoundError:
                 pass
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _catch_stop_signals() -> tuple[list, dict]:
+    """SIGTERM (Slurm's time limit, scancel, the DeepSpeed launcher stopping) and SIGUSR1 (`sbatch --signal=USR1@300`)
+    ask the loop to finish its step, save a checkpoint and stop; every rank learns of it at the next micro-batch
+    (the flags all-reduce), so the collective save never deadlocks. Returns ([signal or None], old handlers)."""
+    got: list = [None]
+
+    def handler(signum, frame):
+        got[0] = signum
+
+    return got, {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals: their rank finishes its step and shuts them down."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _gather(obj) -> list:
@@ -161,7 +183,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                                       cfg.train.micro_batch, cfg.data.shards_per_chunk, cfg.data.buffer,
                                       cfg.data.flip, data_seed), rank, world, cfg.data.workers, position)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0,
+                        worker_init_fn=_ignore_stop_signals)
     batches = iter(loader)
 
     def save(tag: str) -> None:
@@ -177,6 +200,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     mask, grid = cfg.mask, engine.module.cfg.grid
     start, start_step, loss_sum = time.time(), step, torch.zeros((), device=device)
     inject = {int(x) for x in os.environ.get("MASKDM_INJECT_NONFINITE", "").split(",") if x.strip()}
+    stop_signal, previous_handlers = _catch_stop_signals()
     nonfinite = skipped = 0  # consecutive steps with a non-finite loss; steps skipped since the last record
     finite_n = 0
     while step < until:
@@ -193,9 +217,11 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             loss = msm_loss(engine, x0, t.to(device), noise, ab, visible)
             if step in inject and rank == 0 and micro == 0:            # fault injection (tests)
                 loss = loss * float("inf")
-            bad = (~torch.isfinite(loss.detach())).float()              # agreed by all ranks: one sync
-            dist.all_reduce(bad)
-            if bad.item():
+            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),   # agreed by all ranks: one sync
+                                 torch.tensor(float(stop_signal[0] is not None), device=device)])
+            dist.all_reduce(flags)
+            bad, stopping = flags.tolist()
+            if bad:
                 bad_step = True
                 if not engine.fp16_enabled():                           # nothing to skip it: stop, keep state
                     save(f"nonfinite-step{step:08d}")
@@ -250,6 +276,17 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                 board.add_image("samples", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
         if step % cfg.train.ckpt_every == 0 or step == until:           # checkpoint
             save(f"step{step:08d}")
+        elif stopping:                                                  # SIGTERM/SIGUSR1 on some rank
+            save(f"step{step:08d}")
+        if stopping:
+            if rank == 0:
+                record = {"stopped": "a stop signal (SIGTERM/SIGUSR1) reached a rank", "step": step,
+                          "checkpoint": str(ckpt_dir / f"step{step:08d}"), "resume": "run the same command again"}
+                log(json.dumps(record))
+                metrics.write(json.dumps(record) + "\n")
+            break
+    for sig, old in previous_handlers.items():
+        signal.signal(sig, old)
     bar.close()
     if metrics is not None:
         metrics.close()
