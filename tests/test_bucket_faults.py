@@ -185,6 +185,7 @@ def test_endpoint_outage_mid_stream_is_retried_and_loses_nothing(local_set, s3_p
     assert not thread.failures, thread.failures
     assert_same_batches(got, reference)
     assert all(not b["skipped"] for b in got), [b["skipped"] for b in got]
+    assert sum(got[-1]["retries"].values()) + sum(got[-2]["retries"].values()) > 0  # the batches carry the count
     assert retries() > before
     resumed = [int(m) for m in re.findall(r"reading at byte (\d+) of s3://\S+\.tar", caplog.text)]
     assert resumed and max(resumed) > 0, caplog.text  # a shard read failed half-way and was resumed, not restarted

@@ -252,7 +252,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                       "loss": (totals[0] / totals[1]).item() if totals[1] else float("nan"),
                       "lr": scheduler.get_last_lr()[0],
                       "img_per_s": (step - start_step) * cfg.train.global_batch / (time.time() - start),
-                      "skipped_steps": skipped, "skipped_samples": sum(batch.get("skipped", {}).values())}
+                      "skipped_steps": skipped, "skipped_samples": sum(batch.get("skipped", {}).values()),
+                      "bucket_retries": sum(batch.get("retries", {}).values())}
             if engine.fp16_enabled():
                 record["loss_scale"] = optimizer.cur_scale
             loss_sum.zero_()

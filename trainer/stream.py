@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trainer.data import (INPUT_MODES, SkipCounter, collate, decode_sample, group_samples, list_shards,
+from trainer.data import (INPUT_MODES, RETRIES, SkipCounter, collate, decode_sample, group_samples, list_shards,
                           register_fsspec_schemes)
 
 __all__ = ["StreamConfig", "StreamPosition", "ShardStream", "ORDERS"]
@@ -208,6 +208,7 @@ class ShardStream(IterableDataset):
                     out["pos"] = (logical, c, taken)
                     out["epoch"] = plan[2]
                     out["skipped"] = dict(skips.counts)
+                    out["retries"] = dict(RETRIES)  # bucket retries of this worker process so far
                     yield out
                     batch = []
             empty = empty + 1 if taken == 0 and skip == 0 else 0
