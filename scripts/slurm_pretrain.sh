@@ -37,6 +37,7 @@
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=USR1@300      # 5 min before the time limit: every task saves a checkpoint and stops
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
