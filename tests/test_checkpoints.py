@@ -1,7 +1,7 @@
 """Choosing the checkpoint to resume from (trainer/checkpoints.py), without launching DeepSpeed."""
 import pytest
 
-from trainer.checkpoints import checkpoint_world, plan_resume
+from trainer.checkpoints import checkpoint_world, plan_resume, prune
 
 
 def fake_checkpoint(ckpt_dir, tag, ranks):
@@ -22,3 +22,16 @@ def test_plan_resume(tmp_path):
     assert plan_resume(ckpt, "step00000010", 1) == ("step00000010_universal", True)
     with pytest.raises(SystemExit, match="--resume step00000099.*have \\['step00000010'\\]"):
         plan_resume(ckpt, "step00000099", 2)
+
+
+def test_prune_keeps_the_newest_and_what_latest_names(tmp_path):
+    ckpt = tmp_path / "checkpoints"
+    for step in (10, 20, 30, 40):
+        fake_checkpoint(ckpt, f"step{step:08d}", ranks=1)
+    (ckpt / "step00000010_universal").mkdir()
+    (ckpt / "nonfinite-step00000041").mkdir()
+    (ckpt / "latest").write_text("step00000020")  # e.g. resumed from an older tag
+    assert prune(ckpt, 2) == ["step00000010"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [
+        "nonfinite-step00000041", "step00000020", "step00000030", "step00000040"]
+    assert prune(ckpt, 0) == []

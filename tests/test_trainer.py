@@ -82,6 +82,8 @@ def test_zero_stages_train_checkpoint_and_resume(tmp_path, shards, stage):
     cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=2, stage=stage)
     if stage == 2:  # and TensorBoard
         cfg.write_text(cfg.read_text().replace("sample_steps: 3", "sample_steps: 3, tensorboard: true"))
+    if stage == 1:  # and pruning
+        cfg.write_text(cfg.read_text().replace("sample_steps: 3", "sample_steps: 3, keep_last: 1"))
     run = tmp_path / "run"
     launch(cfg, dsc, run, "--until-step", 2)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step00000002"
@@ -95,6 +97,8 @@ def test_zero_stages_train_checkpoint_and_resume(tmp_path, shards, stage):
     assert (run / "config.yaml").exists()
     grids = sorted(p.name for p in (run / "samples").glob("*.png"))
     assert grids == ["step00000002.png", "step00000004.png"]  # at the end of each invocation
+    if stage == 1:
+        assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000004"]
     if stage == 2:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -9,6 +9,8 @@ login node for a large model:
 
     python -m trainer.checkpoints RUN_DIR [--tag TAG]
 
+`train.keep_last: N` keeps only the newest N periodic checkpoints (`prune`, after each save).
+
 After a world-size change the data stream cannot continue where it was (its positions are per rank and worker):
 it restarts with a seed drawn from (seed, step), so it does not replay the samples of the run's beginning.
 """
@@ -21,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["latest_tag", "checkpoint_world", "plan_resume", "convert_to_universal", "UNIVERSAL_SUFFIX"]
+__all__ = ["latest_tag", "checkpoint_world", "plan_resume", "convert_to_universal", "prune", "UNIVERSAL_SUFFIX"]
 
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -80,6 +82,19 @@ def convert_to_universal(ckpt_dir: str | Path, tag: str, log=print) -> str:
     # the converter points `latest_universal` at its output folder's (temporary) name: point it at the real one
     (ckpt_dir / "latest_universal").write_text(out_tag)
     return out_tag
+
+
+def prune(ckpt_dir: str | Path, keep: int) -> list[str]:
+    """Delete all but the newest `keep` periodic checkpoints (`stepNNNNNNNN`, with their `_universal` forms);
+    never the one `latest` names, nor others (nonfinite-*, user tags). Returns the deleted tags."""
+    ckpt_dir = Path(ckpt_dir)
+    steps = sorted(p.name for p in ckpt_dir.glob("step[0-9]*") if p.is_dir() and p.name[4:].isdigit())
+    current = latest_tag(ckpt_dir)
+    gone = [t for t in steps[:-keep] if t != current] if keep > 0 else []
+    for tag in gone:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
+    return gone
 
 
 def main(argv=None) -> None:

@@ -110,6 +110,7 @@ class TrainConfig:
     sample_n: int = 16
     sample_steps: int = 50
     tensorboard: bool = False     # also write the training records to RUN_DIR/tensorboard (needs tensorboard)
+    keep_last: int = 0            # keep only the newest N stepN checkpoints (0: keep all; see trainer/checkpoints.py)
     max_nonfinite: int = 20       # fp16: this many consecutive overflowing steps stop the run (see trainer/loop.py)
 
     def __post_init__(self):
@@ -117,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"train.schedule {self.schedule!r}: choose one of {SCHEDULES}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay {self.ema_decay}: must be in [0, 1)")
+        if self.keep_last < 0:
+            raise ValueError(f"train.keep_last {self.keep_last}: 0 (keep every checkpoint) or the number to keep")
         if min(self.steps, self.global_batch, self.micro_batch, self.max_nonfinite) < 1:
             raise ValueError("train.steps, global_batch, micro_batch and max_nonfinite must be >= 1")
 
