@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from pipeline.reader import iter_samples
 from pipeline.shard import main as shard_main
 from pipeline_data import identity_tree
-from trainer import data
+from trainer import bucket, data
 from trainer.stream import ShardStream, StreamConfig
 
 BUCKET_SET = "s3://test-bucket/sets/a"
@@ -42,12 +42,12 @@ def fast_retries(monkeypatch):
     """Small backoff for the loader (also in worker processes: environment), no retries below it."""
     import s3fs
 
-    monkeypatch.setenv(data.ENV_RETRIES, "12")  # 0.02 s doubling: ~80 s of outage at most, over in ~2x the outage
-    monkeypatch.setenv(data.ENV_BACKOFF, "0.02")
-    monkeypatch.setenv(data.ENV_BLOCK_SIZE, "2048")  # a shard is read in many range requests
+    monkeypatch.setenv(bucket.ENV_RETRIES, "12")  # 0.02 s doubling: ~80 s of outage at most, over in ~2x the outage
+    monkeypatch.setenv(bucket.ENV_BACKOFF, "0.02")
+    monkeypatch.setenv(bucket.ENV_BLOCK_SIZE, "2048")  # a shard is read in many range requests
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: no retries of its own
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs: no retries of its own (class attribute)
-    monkeypatch.setattr(data._retry_log, "every", 0.0)  # every retry logged, whatever other tests logged before
+    monkeypatch.setattr(bucket._retry_log, "every", 0.0)  # every retry logged, whatever other tests logged before
 
 
 def upload(local: Path, endpoint: str, url: str = BUCKET_SET) -> None:
@@ -101,7 +101,7 @@ def one_epoch(cfg) -> tuple[list[dict], dict]:
 
 
 def retries() -> int:
-    return sum(data.RETRIES.values())
+    return sum(bucket.RETRIES.values())
 
 
 # --- exact epochs from a bucket ----------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_endpoint_outage_mid_stream_is_retried_and_loses_nothing(local_set, s3_p
     cfg = config()
     reference = take(cfg, 12)  # 24 samples: one epoch
     before = retries()
-    caplog.set_level("WARNING", logger="trainer.data")
+    caplog.set_level("WARNING", logger="trainer.bucket")  # the retry warnings
     it = iter(loader(cfg))
     got = [next(it)]  # 2 samples out, 3 more in the shuffle buffer: both shards of chunk 0 are half read
     thread = outage(s3_proxy, local_set, lambda: retries() > before)
@@ -201,7 +201,7 @@ def test_endpoint_outage_met_by_worker_processes(local_set, s3_proxy, fast_retri
     stream = ShardStream(cfg, 0, 1, 2)
     reference = take(cfg, 12, workers=2, stream=stream)
     handler = logging.FileHandler(tmp_path / "workers.log")  # forked workers write their warnings here too
-    logging.getLogger("trainer.data").addHandler(handler)
+    logging.getLogger("trainer.bucket").addHandler(handler)
     try:
         it = iter(loader(cfg, workers=2, stream=stream, timeout=120))  # a stuck worker fails instead of hanging
         got = [next(it)]
@@ -210,7 +210,7 @@ def test_endpoint_outage_met_by_worker_processes(local_set, s3_proxy, fast_retri
         thread.join()
         del it  # stop the workers
     finally:
-        logging.getLogger("trainer.data").removeHandler(handler)
+        logging.getLogger("trainer.bucket").removeHandler(handler)
         handler.close()
     assert not thread.failures, thread.failures
     assert_same_batches(got, reference)
@@ -299,7 +299,7 @@ def test_every_cut_of_a_shard_is_seen_as_truncated(local_set):
     full = (local_set / "shard-000000.tar").read_bytes()
 
     def truncated(b: bytes, chunk: int) -> bool:
-        end = data._TarEnd()
+        end = bucket._TarEnd()
         for i in range(0, len(b), chunk):
             end.feed(b[i:i + chunk])
         return end.truncated()
@@ -336,7 +336,7 @@ def use_credentials(monkeypatch, key_id, secret):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     fsspec.get_filesystem_class("s3").clear_instance_cache()  # filesystems keep the credentials they started with
-    data._filesystem.cache_clear()
+    bucket._filesystem.cache_clear()
 
 
 @pytest.mark.parametrize("source", [BUCKET_SET, BUCKET_SET + "/shard-{000000..000005}.tar"])
@@ -355,7 +355,7 @@ def test_wrong_credentials_name_the_bucket_and_variables_never_the_secret(local_
                    "FSSPEC_S3_ENDPOINT_URL", "PermissionError"):
         assert needle in msg, msg
     assert retries() == before  # refused credentials are not retried
-    data.register_fsspec_schemes()
+    bucket.register_fsspec_schemes()
     from webdataset.gopen import gopen
 
     with pytest.raises(PermissionError) as worker_error:  # what a DataLoader worker meets (counted per shard)
@@ -405,9 +405,17 @@ def test_error_classification():
                  _translated("InvalidAccessKeyId", 403), _translated("SignatureDoesNotMatch", 403),
                  _translated("403", 403, "HeadObject"), _translated("ExpiredToken", 400),
                  _translated("InvalidRange", 416), be.NoCredentialsError(), be.ProfileNotFound(profile="x"),
-                 FileExpired("b/k", "etag"), data.BadObjectError(errno.EIO, "truncated")]
-    assert [type(e).__name__ for e in transient if not data.is_transient(e)] == []
-    assert [type(e).__name__ for e in permanent if data.is_transient(e)] == []
+                 FileExpired("b/k", "etag"), bucket.BadObjectError(errno.EIO, "truncated")]
+    assert [type(e).__name__ for e in transient if not bucket.is_transient(e)] == []
+    assert [type(e).__name__ for e in permanent if bucket.is_transient(e)] == []
     assert isinstance(_translated("SlowDown", 503), OSError) and not isinstance(transient[0], OSError)
-    credentials = [e for e in permanent if data.is_credentials_error(e)]
+    credentials = [e for e in permanent if bucket.is_credentials_error(e)]
     assert len(credentials) == 6  # 403s, ExpiredToken, no credentials, unknown profile
+
+
+def test_data_reexports_the_bucket_names():
+    """trainer.data's bucket names are trainer.bucket's own objects: RETRIES (which trainer.stream reads through
+    trainer.data) is one Counter, not a copy."""
+    assert data.RETRIES is bucket.RETRIES
+    assert set(bucket.__all__) <= set(data.__all__)
+    assert [n for n in bucket.__all__ if getattr(data, n) is not getattr(bucket, n)] == []

@@ -11,6 +11,7 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 
 from pipeline.synthetic import synthetic_faces
 from trainer import metrics as M
+from trainer import swd as S
 
 FID_RTOL = 1e-3          # the brief's tolerance against established implementations
 # Inception is float32; the two paths resize and scale in a different order (x/255*255 then /128 vs /128): the
@@ -250,7 +251,7 @@ def test_pyramid_matches_progan_and_levels():
 
 def test_patches_are_image_windows():
     level = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
-    desc = M._patches(level, np.random.default_rng(7))                 # (2 * 128, 147)
+    desc = S._patches(level, np.random.default_rng(7))                 # (2 * 128, 147)
     centre = np.random.default_rng(7).integers(3, 13, size=(2, 2, 128))
     for img, k in ((0, 0), (1, 127), (1, 5)):
         y, x = centre[img, :, k]
@@ -304,3 +305,9 @@ def test_swd_zero_for_identical_grows_with_perturbation_and_is_deterministic():
     assert M.swd_images(faces, noisy(6), seed=1) != light
     with pytest.raises(ValueError, match="same size"):
         M.swd_images(faces, faces[:10])
+
+
+def test_metrics_reexports_swd():
+    """trainer.metrics keeps offering the SWD API (trainer.evaluate uses M.swd_resolutions, M.SWDDescriptors, M.swd)."""
+    assert set(S.__all__) <= set(M.__all__)
+    assert [n for n in S.__all__ if getattr(M, n) is not getattr(S, n)] == []
