@@ -96,3 +96,22 @@ def test_bad_config_is_refused(sets):
         StreamConfig((sets["A"],), weights=(1.0, 2.0))
     with pytest.raises(ValueError, match="order"):
         StreamConfig((sets["A"],), order="shuffled")
+
+
+def test_shard_cut_between_samples_is_counted_as_short(tmp_path, sets):
+    """A local tar cut exactly at a sample boundary is a valid, shorter tar: the manifest's count exposes it."""
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "A"
+    shutil.copytree(sets["A"], copy)
+    shard = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    keys_in_order = [m.name.split(".")[0] for m in members]
+    second = keys_in_order.index(next(k for k in keys_in_order if k != keys_in_order[0]))
+    shard.write_bytes(shard.read_bytes()[:members[second].offset])  # only the first sample is left
+    cfg = StreamConfig((str(copy),), mode="pixel", order="exact", batch_size=1, buffer=3, seed=5)
+    got = batches(cfg, n=21)  # one epoch: 24 samples minus the 3 cut off
+    assert len(set(keys(got))) == 21 and {b["epoch"] for b in got} == {0}
+    assert got[-1]["skipped"] == {"short shard": 1}

@@ -127,22 +127,29 @@ class ShardStream(IterableDataset):
         shards, stride, _ = plan
         rng = np.random.default_rng([self.cfg.seed, slot, c, 1])
 
-        def read(url):
+        def read(shard):
+            url, n, errors = shard.url, 0, skips.counts.get("unreadable shard", 0)
             try:
                 with gopen(url) as stream:
-                    yield from group_samples(tar_file_iterator(stream), skips, url)
+                    for sample in group_samples(tar_file_iterator(stream), skips, url):
+                        n += 1
+                        yield sample
             except Exception as e:  # noqa: BLE001 - an unreachable shard is counted, the stream goes on
                 skips.count("unreadable shard", f"{url}: {e}")
+                return
+            if shard.samples is not None and n < shard.samples and skips.counts.get("unreadable shard", 0) == errors:
+                # a tar cut exactly between two samples reads as a shorter, valid tar: only the manifest tells
+                skips.count("short shard", f"{url}: {n} of its {shard.samples} samples (truncated?)")
 
         if stride is not None:  # sample split: every slot walks the same sequence, keeps its residue class
             index = 0
             for sh in shards:
-                for sample in read(sh.url):
+                for sample in read(sh):
                     if index % stride == slot:
                         yield sample
                     index += 1
             return
-        streams, buffer = [read(sh.url) for sh in shards], []
+        streams, buffer = [read(sh) for sh in shards], []
         while streams:
             i = int(rng.integers(len(streams)))
             try:
