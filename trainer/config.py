@@ -109,6 +109,7 @@ class TrainConfig:
     ckpt_every: int = 5000
     sample_n: int = 16
     sample_steps: int = 50
+    sample_eta: float = 1.0       # DDIM eta of the grids: 1 (stochastic) shows young models fairly; 0 saturates them
     tensorboard: bool = False     # also write the training records to RUN_DIR/tensorboard (needs tensorboard)
     keep_last: int = 0            # keep only the newest N stepN checkpoints (0: keep all; see trainer/checkpoints.py)
     max_nonfinite: int = 20       # fp16: this many consecutive overflowing steps stop the run (see trainer/loop.py)

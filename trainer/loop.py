@@ -52,8 +52,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0, device="cpu") -> Path:
-    """`train.sample_n` images from the EMA weights (DDIM, `train.sample_steps`, fixed seed) as one PNG, drawn on
-    `device` (rank 0's GPU in training: on a CPU a large model would keep the other ranks waiting for minutes)."""
+    """`train.sample_n` images from the EMA weights (DDIM, `train.sample_steps`, `train.sample_eta`, fixed seed) as
+    one PNG, drawn on `device` (rank 0's GPU in training: on a CPU a large model would keep the other ranks waiting
+    for minutes)."""
     from trainer.diffusion import make_clip, sample
     from trainer.images import save_grid, to_rgb_uint8
 
@@ -63,7 +64,8 @@ def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0, devi
     model.to(device)
     x = sample(model, (cfg.train.sample_n, m.in_channels, m.model_size, m.model_size),
                alphas_cumprod(make_betas(cfg.train.schedule)), steps=cfg.train.sample_steps,
-               clip=make_clip(m.input), generator=torch.Generator().manual_seed(seed), device=device)
+               eta=cfg.train.sample_eta, clip=make_clip(m.input), generator=torch.Generator().manual_seed(seed),
+               device=device)
     del model
     return save_grid(to_rgb_uint8(x, m.input), path)
 
