@@ -1,7 +1,7 @@
 """Choosing the checkpoint to resume from (trainer/checkpoints.py), without launching DeepSpeed."""
 import pytest
 
-from trainer.checkpoints import checkpoint_world, plan_resume, prune
+from trainer.checkpoints import checkpoint_world, latest_tag, mark_complete, plan_resume, prune
 
 
 def fake_checkpoint(ckpt_dir, tag, ranks):
@@ -35,3 +35,17 @@ def test_prune_keeps_the_newest_and_what_latest_names(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [
         "nonfinite-step00000041", "step00000020", "step00000030", "step00000040"]
     assert prune(ckpt, 0) == []
+
+
+def test_latest_complete_checkpoint_wins_over_a_partial_one(tmp_path):
+    """A job killed while the ranks save: DeepSpeed's `latest` already names the new tag, whose other partitions
+    are missing; resuming takes the newest checkpoint every rank finished."""
+    ckpt = tmp_path / "checkpoints"
+    fake_checkpoint(ckpt, "step00000004", ranks=2)
+    mark_complete(ckpt / "step00000004", 4, 2)
+    fake_checkpoint(ckpt, "step00000008", ranks=1)  # rank 1's partition never written; no marker
+    assert (ckpt / "latest").read_text() == "step00000008"
+    assert latest_tag(ckpt) == "step00000004"
+    assert plan_resume(ckpt, "auto", 2) == ("step00000004", False)  # not a world-size change
+    mark_complete(ckpt / "step00000008", 8, 2)
+    assert latest_tag(ckpt) == "step00000008" and checkpoint_world(ckpt / "step00000008") == 2

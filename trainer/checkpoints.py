@@ -17,25 +17,58 @@ it restarts with a seed drawn from (seed, step), so it does not replay the sampl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["latest_tag", "checkpoint_world", "plan_resume", "convert_to_universal", "prune", "UNIVERSAL_SUFFIX"]
+__all__ = ["latest_tag", "mark_complete", "is_complete", "checkpoint_world", "plan_resume", "convert_to_universal",
+           "prune", "UNIVERSAL_SUFFIX", "COMPLETE"]
 
 UNIVERSAL_SUFFIX = "_universal"
 
 
+COMPLETE = "maskdm_complete.json"  # written by rank 0 once every rank has saved its part of a checkpoint
+
+
+def mark_complete(tag_dir: str | Path, step: int, world: int) -> None:
+    """Mark a checkpoint whole. DeepSpeed's rank 0 writes `latest` as soon as its own files are saved, before the
+    other ranks' partitions are, so a job killed in between leaves `latest` naming a partial checkpoint."""
+    tag_dir = Path(tag_dir)
+    tmp = tag_dir / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "world": world}))
+    os.replace(tmp, tag_dir / COMPLETE)
+
+
+def is_complete(tag_dir: str | Path) -> bool:
+    return (Path(tag_dir) / COMPLETE).is_file()
+
+
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    latest = Path(ckpt_dir) / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+    """The newest complete checkpoint: the tag `latest` names if it is complete, else the complete tag with the
+    highest step (a kill during a save). Runs whose checkpoints carry no completeness marker at all (written
+    before it existed) fall back to `latest` as it stands."""
+    ckpt_dir = Path(ckpt_dir)
+    latest = ckpt_dir / "latest"
+    named = latest.read_text().strip() if latest.is_file() else None
+    if named is None or is_complete(ckpt_dir / named):
+        return named
+    complete = sorted((json.loads(p.read_text())["step"], p.parent.name) for p in ckpt_dir.glob(f"*/{COMPLETE}")
+                      if not p.parent.name.endswith(UNIVERSAL_SUFFIX))
+    if complete:
+        return complete[-1][1]
+    return named
 
 
 def checkpoint_world(tag_dir: str | Path) -> int | None:
-    """Data-parallel ranks that wrote a ZeRO checkpoint (one optimizer partition each); None without ZeRO files."""
+    """Data-parallel ranks that wrote a ZeRO checkpoint (from its completeness marker, else one optimizer
+    partition per rank); None without ZeRO files."""
     n = len(list(Path(tag_dir).glob("*zero_pp_rank_*_optim_states.pt")))
+    marker = Path(tag_dir) / COMPLETE
+    if n and marker.is_file():
+        return json.loads(marker.read_text())["world"]
     return n or None
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from trainer.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, plan_resume, prune
+from trainer.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune
 from trainer.config import ExperimentConfig, batch_arithmetic
 from trainer.data import to_model_input
 from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
@@ -193,9 +193,10 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         client = {"step": step, "ema": ema.state_dict(), "config": cfg.to_dict(), "data_seed": data_seed,
                   "positions": _gather(position.state_dict()), "rng": _gather(gen.get_state())}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
-        if cfg.train.keep_last:
-            dist.barrier()  # every rank has written its part of the new checkpoint
-            if rank == 0:
+        dist.barrier()  # every rank has written its part: only now is the checkpoint whole
+        if rank == 0:
+            mark_complete(ckpt_dir / tag, step, world)
+            if cfg.train.keep_last:
                 prune(ckpt_dir, cfg.train.keep_last)
 
     # --- the loop --------------------------------------------------------------------------------------------

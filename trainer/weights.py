@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.checkpoints import latest_tag
+
 __all__ = ["load_pretrained", "apply_pretrained", "load_model", "read_weights", "read_deepspeed",
            "decode_metadata", "header_metadata", "sha256_file", "FORMAT_VERSION", "INDEX", "MODEL_STATES"]
 
@@ -44,7 +46,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def _model_states(path: Path, tag: str | None) -> Path | None:
     """Rank 0's model-states file for a run dir / checkpoints dir / tag dir (the latest tag unless `tag`)."""
     for ckpt in (path, path / "checkpoints"):
-        name = tag or ((ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None)
+        name = tag or latest_tag(ckpt)  # the newest complete checkpoint
         if name is not None and (ckpt / name).is_dir():
             path = ckpt / name
             break
