@@ -24,10 +24,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["latest_tag", "mark_complete", "is_complete", "checkpoint_world", "plan_resume", "convert_to_universal",
-           "prune", "UNIVERSAL_SUFFIX", "COMPLETE"]
+__all__ = ["read_metrics", "latest_tag", "mark_complete", "is_complete", "checkpoint_world", "plan_resume",
+           "convert_to_universal", "prune", "UNIVERSAL_SUFFIX", "COMPLETE"]
 
 UNIVERSAL_SUFFIX = "_universal"
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl (training, sample-grid, evaluation, stop records), skipping a line
+    torn by a killed run; [] when there is no file."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            records.append(r)
+    return records
 
 
 COMPLETE = "maskdm_complete.json"  # written by rank 0 once every rank has saved its part of a checkpoint

@@ -68,8 +68,8 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
                      f"smaller shards)")
     what = "epoch 0" if cfg.data.order == "exact" else "first chunk of an endless weighted draw"
     lines += ["", f"# shard assignment per rank and worker ({what})"]
-    for slot in range(min(S, max_slots)):
-        a = stream.assignment(slot)
+    assignments = [stream.assignment(slot) for slot in range(S)]
+    for slot, a in enumerate(assignments[:max_slots]):
         rank, worker = divmod(slot, stream.W)
         names = a["shards"]
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} shards)" if len(names) > 6 else "")
@@ -78,7 +78,7 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
     if S > max_slots:
         lines.append(f"... ({S - max_slots} more)")
     if cfg.data.order == "exact":
-        counts = [stream.assignment(s)["samples"] for s in range(S)]
+        counts = [a["samples"] for a in assignments]
         if all(c is not None for c in counts) and counts:
             lines.append(f"samples per reader in an epoch: min {min(counts):,}, max {max(counts):,}")
 

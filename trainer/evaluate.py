@@ -289,6 +289,8 @@ def plot_runs(runs: list[str], out: str | Path, metrics=("fid",)) -> Path:
     except ImportError:
         raise SystemExit('error: --plot needs matplotlib: pip install matplotlib (or pip install -e ".[eval]")') \
             from None
+    from trainer.checkpoints import read_metrics
+
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     drawn = 0
     for ax, metric in zip(axes[0], metrics):
@@ -297,8 +299,7 @@ def plot_runs(runs: list[str], out: str | Path, metrics=("fid",)) -> Path:
             if not path.is_file():
                 raise SystemExit(f"error: --plot {run}: no metrics.jsonl (not a run directory)")
             series: dict[str, list] = {}
-            for line in path.read_text().splitlines():
-                rec = json.loads(line)
+            for rec in read_metrics(run):
                 if metric in rec and rec.get("step") is not None:
                     label = f"{Path(run).name} (N={rec.get('n')}, {rec.get('sampler', '')}{rec.get('steps', '')})"
                     series.setdefault(label, []).append((rec["step"], rec[metric]))

@@ -123,21 +123,15 @@ def data_manifests(sources) -> list[dict]:
 
 def run_metrics(run_dir: Path, step: int) -> dict:
     """The latest training record at or before `step` and the evaluation records of `step` in metrics.jsonl."""
-    path = run_dir / "metrics.jsonl"
+    from trainer.checkpoints import read_metrics
+
     train, evals = None, []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a killed run
-                continue
-            if not isinstance(r, dict):
-                continue
-            if any(k.lower().startswith(EVAL_PREFIXES) for k in r):
-                if r.get("step", step) == step:
-                    evals.append(r)
-            elif "loss" in r and r.get("step", 0) <= step:
-                train = r
+    for r in read_metrics(run_dir):
+        if any(k.lower().startswith(EVAL_PREFIXES) for k in r):
+            if r.get("step", step) == step:
+                evals.append(r)
+        elif "loss" in r and r.get("step", 0) <= step:
+            train = r
     return {"train": train, "eval": evals[-10:]}
 
 

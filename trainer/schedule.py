@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer.checkpoints import latest_tag
+from trainer.checkpoints import latest_tag, read_metrics
 
 __all__ = ["next_action", "main"]
 
@@ -61,15 +61,8 @@ def next_action(run_dir: Path, every: int, total_steps: int) -> tuple[str, int]:
 def _evaluated(run_dir: Path, step: int, n: int, steps: int) -> bool:
     """An evaluation of checkpoint `step` with these settings is already in metrics.jsonl (a killed invocation
     got that far): evaluating again would only add a second record."""
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if r.get("eval") and r.get("step") == step and r.get("n") == n and r.get("steps") == steps:
-            return True
-    return False
+    return any(r.get("eval") and r.get("step") == step and r.get("n") == n and r.get("steps") == steps
+               for r in read_metrics(run_dir))
 
 
 def _run(cmd: list[str], what: str, env=None) -> None:
