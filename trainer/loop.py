@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune
 from trainer.config import ExperimentConfig, batch_arithmetic
+from trainer.cpu_comm import announce_cpu_comm_build
 from trainer.data import to_model_input
 from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
 from trainer.ema import EMA
@@ -123,6 +124,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     from deepspeed.accelerator import get_accelerator
 
     # --- distributed set-up and batch arithmetic ------------------------------------------------------------
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        announce_cpu_comm_build(log)  # a first CPU launch compiles DeepSpeed's comm op: say so before it starts
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     accumulation = batch_arithmetic(cfg.train.global_batch, cfg.train.micro_batch, world)
@@ -152,7 +155,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds)
-    ema = EMA(engine.module, cfg.train.ema_decay)
+    ema = EMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
     ab = alphas_cumprod(make_betas(cfg.train.schedule))
     device = torch.device(get_accelerator().device_name(engine.local_rank))
     dtype = next(engine.module.parameters()).dtype
@@ -244,7 +247,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             if bad_step:  # cannot happen with DeepSpeed's overflow check; never train on a non-finite loss
                 save(f"nonfinite-step{step:08d}")
                 raise SystemExit(f"step {step} was applied despite a non-finite loss; checkpoint saved")
-            ema.update(engine.module)
+            if step % cfg.train.ema_every == 0:
+                ema.update(engine.module)
         else:
             skipped += 1
         nonfinite = nonfinite + 1 if bad_step else 0
