@@ -103,6 +103,8 @@ class TrainConfig:
     micro_batch: int = 32
     schedule: str = "cosine"      # beta schedule, T = 1000
     ema_decay: float = 0.999
+    ema_warmup: bool = True       # decay 1-(1+k)^(-2/3) capped at ema_decay (trainer/ema.py): short runs' EMA is usable
+    ema_every: int = 1            # update the EMA every N optimiser steps (the reference's L-DWT runs: 10)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 5000
@@ -121,8 +123,8 @@ class TrainConfig:
             raise ValueError(f"train.ema_decay {self.ema_decay}: must be in [0, 1)")
         if self.keep_last < 0:
             raise ValueError(f"train.keep_last {self.keep_last}: 0 (keep every checkpoint) or the number to keep")
-        if min(self.steps, self.global_batch, self.micro_batch, self.max_nonfinite) < 1:
-            raise ValueError("train.steps, global_batch, micro_batch and max_nonfinite must be >= 1")
+        if min(self.steps, self.global_batch, self.micro_batch, self.max_nonfinite, self.ema_every) < 1:
+            raise ValueError("train.steps, global_batch, micro_batch, max_nonfinite and ema_every must be >= 1")
 
 
 SECTIONS = {"model": ModelConfig, "mask": MaskConfig, "data": DataConfig, "optim": OptimConfig,
