@@ -34,6 +34,7 @@ import PIL
 import PIL.features
 from tqdm.auto import tqdm
 
+from pipeline.credentials import credentials_guard
 from pipeline.imaging import DEFAULT_BOX_SCALE, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, BadInput, process_image
 from pipeline.schema import FORMAT_VERSION, MANIFEST, shard_name
 from pipeline.sources import Item, Listing, celebahq_items, folder_items, vggface2_items
@@ -361,6 +362,11 @@ def _clean_stale_tmp(store: Store, cfg: ShardConfig, todo: list[int]) -> None:
 
 def write_manifest(out: str) -> dict | None:
     """Combine the shard records in OUT/.state into OUT/manifest.json, if every planned shard is complete."""
+    with credentials_guard(out):  # also what `python -m pipeline.merge` runs
+        return _write_manifest(out)
+
+
+def _write_manifest(out: str) -> dict | None:
     store = Store(out)
     if not store.exists(PLAN):
         raise SystemExit(f"error: {out} has no {PLAN}: not a shard set in progress (run pipeline.shard first)")
@@ -470,7 +476,9 @@ def parse_args(argv=None) -> ShardConfig:
 
 
 def main(argv=None) -> None:
-    run(parse_args(argv))
+    cfg = parse_args(argv)
+    with credentials_guard(cfg.out):  # refused credentials: the bucket and what to set, no traceback
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.credentials import credentials_guard
 from pipeline.imaging import haar_dwt_uint8
 from pipeline.reader import iter_samples, load_manifest, sha256
 from pipeline.schema import decode_dwt
@@ -119,7 +120,8 @@ def main(argv=None) -> None:
     p.add_argument("--dwt-mean-tol", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=1, help="processes, one shard each at a time (default 1)")
     a = p.parse_args(argv)
-    result = verify(a.out, a.dwt_tol, a.dwt_mean_tol, workers=a.workers)
+    with credentials_guard(a.out):  # refused credentials: the bucket and what to set, no traceback
+        result = verify(a.out, a.dwt_tol, a.dwt_mean_tol, workers=a.workers)
     for e in result["errors"][:50]:
         print(f"MISMATCH {e}")
     if len(result["errors"]) > 50:

@@ -33,7 +33,7 @@ Bucket faults, as the stream meets them (the batches carry `skipped`: counts by 
   SignatureDoesNotMatch / ExpiredToken; botocore NoCredentialsError, ProfileNotFound): never retried.
   `trainer.data.list_shards` is the first contact (the manifest, or a pattern's first shard): it stops the run
   (SystemExit) naming the bucket, the variables to set and which of them are set, never their values (secrets are
-  scrubbed).
+  scrubbed): the message of `pipeline.credentials`, which every command touching a bucket prints the same way.
   A worker meeting it counts the shard as unreadable with the same message.
 - $MASKDM_BUCKET_BLOCK_SIZE: bytes fetched per request for an open shard (readahead; default 8 MiB).
 `register_fsspec_schemes(retries, backoff, block_size)` overrides the variables in the calling process only;
@@ -53,35 +53,16 @@ import tarfile
 import time
 from collections import Counter
 
+from pipeline.credentials import FSSPEC_SCHEMES, credentials_message, is_credentials_error
+
 __all__ = ["FSSPEC_SCHEMES", "register_fsspec_schemes", "RETRIES", "ResumableObject", "BadObjectError",
            "is_transient", "is_credentials_error", "credentials_message"]
 
 log = logging.getLogger(__name__)
-FSSPEC_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
-
 RETRIES = Counter()  # transient bucket errors retried in this process, by protocol (also logged, rate-limited)
 DEFAULT_RETRIES, DEFAULT_BACKOFF, DEFAULT_BLOCK_SIZE = 6, 0.5, 8 << 20  # 6 retries from 0.5 s: ~30 s of outage
 MAX_BACKOFF = 30.0  # seconds: the longest wait between two attempts
 ENV_RETRIES, ENV_BACKOFF, ENV_BLOCK_SIZE = "MASKDM_BUCKET_RETRIES", "MASKDM_BUCKET_BACKOFF", "MASKDM_BUCKET_BLOCK_SIZE"
-# Secrets that must never reach a message (an error text is scrubbed of their values before it is raised).
-SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "FSSPEC_S3_SECRET", "FSSPEC_S3_TOKEN",
-               "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")
-CREDENTIAL_HELP = {  # per protocol family: what to set, and the variables whose presence (never value) is reported
-    "s3": ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary keys), or "
-           "AWS_PROFILE (a profile in ~/.aws/credentials); for an S3-compatible store also its endpoint, "
-           "FSSPEC_S3_ENDPOINT_URL or AWS_ENDPOINT_URL (fsspec-only keys: FSSPEC_S3_KEY / FSSPEC_S3_SECRET)",
-           ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
-            "FSSPEC_S3_ENDPOINT_URL", "FSSPEC_S3_KEY", "FSSPEC_S3_SECRET")),
-    "gs": ("set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run `gcloud auth "
-           "application-default login` (fsspec-only: FSSPEC_GCS_TOKEN)", ("GOOGLE_APPLICATION_CREDENTIALS",)),
-    "az": ("set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING, "
-           "AZURE_STORAGE_SAS_TOKEN)", ("AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
-                                        "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN")),
-}
-_FAMILY = {"s3": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az"}
-_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound", "CredentialRetrievalError",
-                      "UnauthorizedSSOTokenError", "TokenRetrievalError", "DefaultCredentialsError", "RefreshError",
-                      "ClientAuthenticationError"}  # botocore, google-auth, azure-core (matched by name: optional)
 
 
 class BadObjectError(OSError):
@@ -182,12 +163,6 @@ def _http_status(e: BaseException) -> int | None:
     return None
 
 
-def is_credentials_error(e: BaseException) -> bool:
-    """Refused or missing credentials: s3fs turns 403 (AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch,
-    ExpiredToken) into PermissionError; botocore raises NoCredentialsError / ProfileNotFound itself."""
-    return isinstance(e, PermissionError) or any(k.__name__ in _CREDENTIAL_ERRORS for k in type(e).__mro__)
-
-
 def is_transient(e: BaseException) -> bool:
     """Worth retrying: the endpoint unreachable or dropping connections, timeouts, throttling (s3fs: 503 SlowDown
     -> OSError EBUSY), server errors (5xx). Not: a missing object or bucket (FileNotFoundError), refused
@@ -219,27 +194,6 @@ def _with_retries(call, url: str, what: str, retries: int, backoff: float, on_er
             _retry_log.warning("retrying %s %s after %s: %s (retry %d of %d); retries in this process: %s",
                                what, url, type(e).__name__, e, attempt + 1, retries, dict(RETRIES))
             time.sleep(min(backoff * 2 ** attempt, MAX_BACKOFF))
-
-
-def credentials_message(url: str, e: BaseException) -> str:
-    """A user error for refused credentials: the bucket, what to set, which variables are set (never values)."""
-    protocol, _, rest = url.partition("://")
-    what, names = CREDENTIAL_HELP.get(_FAMILY.get(protocol, ""), ("check the store's credentials", ()))
-    state = ", ".join(f"{n} {'set' if os.environ.get(n) else 'unset'}" for n in names)
-    msg = (f"{url}: access to bucket {rest.split('/', 1)[0]!r} was refused ({type(e).__name__}: {e}): wrong or "
-           f"missing credentials, or no read permission. To fix, {what}." + (f" Now: {state}." if state else ""))
-    return _scrub(msg)
-
-
-def _scrub(text: str) -> str:
-    import fsspec
-
-    secrets = [os.environ.get(n) for n in SECRET_VARS]
-    secrets += [v for k, v in fsspec.config.conf.get("s3", {}).items() if k in ("secret", "token") and v]
-    for s in secrets:
-        if s and len(s) >= 4:
-            text = text.replace(str(s), "***")
-    return text
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline.credentials import credentials_guard
 from trainer.sample import DTYPES, distributed_context, sample_to_folder
 
 __all__ = ["image_source", "ImageSource", "reference_features", "compute_metrics", "plot_runs", "main"]
@@ -96,7 +97,8 @@ class ImageSource:
     def key(self) -> str:
         """Identity of the set's content: the manifest's sha256, or the file list with sizes and mtimes."""
         if self.kind == "shards":
-            return hashlib.sha256(self.store.read_bytes("manifest.json")).hexdigest()
+            with credentials_guard(self.source):
+                return hashlib.sha256(self.store.read_bytes("manifest.json")).hexdigest()
         h = hashlib.sha256()
         for p in self.files:
             st = p.stat()
@@ -118,7 +120,9 @@ class ImageSource:
 
         n = 0
         for entry in self.manifest["shards"]:
-            for sample in iter_samples(self.store.read_bytes(entry["name"])):
+            with credentials_guard(self.source):  # a token expiring mid-way: the bucket and what to set
+                data = self.store.read_bytes(entry["name"])
+            for sample in iter_samples(data):
                 if limit is not None and n >= limit:
                     return
                 if "jpg" not in sample:

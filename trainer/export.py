@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.credentials import credentials_guard
 from trainer.weights import FORMAT_VERSION, INDEX, decode_metadata, header_metadata, read_deepspeed, sha256_file
 
 __all__ = ["export", "publish", "write_safetensors", "data_manifests", "run_metrics", "model_card", "main"]
@@ -307,7 +308,8 @@ def main(argv=None) -> None:
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     export(args.ckpt_dir, args.out, args.dtype, args.tag, args.publish, log=log)
     if args.publish:
-        publish(args.out, args.publish, args.force, log=log)
+        with credentials_guard(args.publish):  # refused credentials: the bucket and what to set, no traceback
+            publish(args.out, args.publish, args.force, log=log)
 
 
 if __name__ == "__main__":

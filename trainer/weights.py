@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.credentials import credentials_guard
 from trainer.checkpoints import latest_tag
 
 __all__ = ["load_pretrained", "apply_pretrained", "load_model", "read_weights", "read_deepspeed",
@@ -163,6 +164,11 @@ def read_weights(source: str, tag: str | None = None) -> tuple[dict[str, torch.T
     at least source and kind ("deepspeed", "safetensors", "published"), and for maskdm weights the config
     (`ExperimentConfig.to_dict()`), step and images."""
     source = str(source)
+    with credentials_guard(source):  # a bucket refusing the credentials: the bucket and what to set, no traceback
+        return _read_weights(source, tag)
+
+
+def _read_weights(source: str, tag: str | None) -> tuple[dict[str, torch.Tensor], dict]:
     if source.endswith(".safetensors"):
         return _safetensors_weights(source)
     if source.rstrip("/").endswith("/" + INDEX):
