@@ -3,13 +3,19 @@ construction, saved with every run and inside every checkpoint. Each hyperparame
 (model, mask, data, optimiser, schedule, steps, batch) or in the DeepSpeed JSON (ZeRO stage, precision, gradient
 clipping, communication); never in argparse defaults.
 
+Values are coerced to each field's annotated type, from YAML files and `--set` alike (`parse_overrides`): PyYAML
+reads `1e-3` (no dot) as a string, and `--set data.sources=DIR` (no brackets) as one string, not a list.
+
 Batch arithmetic (DESIGN.md): global batch = micro batch x gradient accumulation x world size, computed once by
 `batch_arithmetic` from `train.global_batch`, `train.micro_batch` and the launched world size.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+import functools
+import types
+import typing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -20,7 +26,7 @@ from trainer.models import PRESETS
 from trainer.stream import ORDERS
 
 __all__ = ["ModelConfig", "MaskConfig", "DataConfig", "OptimConfig", "TrainConfig", "ExperimentConfig",
-           "batch_arithmetic"]
+           "parse_overrides", "batch_arithmetic"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,8 @@ class MaskConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    sources: tuple = ()           # shard sets: folders or URLs with manifest.json, brace patterns
-    weights: tuple | None = None  # mixing weights, one per source
+    sources: tuple[str, ...] = ()  # shard sets: folders or URLs with manifest.json, brace patterns
+    weights: tuple[float, ...] | None = None  # mixing weights, one per source
     order: str = "resampled"      # "resampled" (pre-training) or "exact" (epochs: fine-tuning, evaluation)
     workers: int = 4              # DataLoader workers per rank
     buffer: int = 1000
@@ -76,7 +82,7 @@ class DataConfig:
     flip: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(self.weights))
         if self.order not in ORDERS:
@@ -86,7 +92,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 2e-4
-    betas: tuple = (0.99, 0.99)   # AdamW, as the paper
+    betas: tuple[float, ...] = (0.99, 0.99)  # AdamW, as the paper
     weight_decay: float = 0.03
     warmup_steps: int = 0         # linear warm-up, then constant
 
@@ -142,28 +148,47 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "ExperimentConfig":
+        """From plain values (a YAML file, a checkpoint's config), each coerced to its field's type; errors name
+        `where` and the key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a mapping of sections {list(SECTIONS)}, got {type(d).__name__}")
         unknown = set(d) - {"name", *SECTIONS}
         if unknown:
             raise ValueError(f"{where}: unknown top-level keys {sorted(unknown)}; expected name, {list(SECTIONS)}")
         parts = {}
         for key, kind in SECTIONS.items():
             section = d.get(key) or {}
-            allowed = {f.name for f in fields(kind)}
-            bad = set(section) - allowed
+            if not isinstance(section, dict):
+                raise ValueError(f"{where}: '{key}' must be a mapping of keys {sorted(_hints(kind))}, "
+                                 f"got {section!r}")
+            hints = _hints(kind)
+            bad = set(section) - set(hints)
             if bad:
-                raise ValueError(f"{where}: unknown keys {sorted(bad)} in '{key}'; allowed: {sorted(allowed)}")
-            parts[key] = kind(**section)
+                raise ValueError(f"{where}: unknown keys {sorted(bad)} in '{key}'; allowed: {sorted(hints)}")
+            parts[key] = kind(**{k: coerce(v, hints[k], f"{where}: {key}.{k}") for k, v in section.items()})
         return cls(name=str(d.get("name", "run")), **parts)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "ExperimentConfig":
+        """The YAML file, then `overrides` ({"train.steps": 10}: see `parse_overrides`) on top."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file (see configs/ for the paper's runs)")
-        d = yaml.safe_load(path.read_text()) or {}
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"--config {path}: expected a mapping of sections {list(SECTIONS)}")
         for dotted, value in (overrides or {}).items():  # e.g. {"train.steps": 10}
             section, _, key = dotted.partition(".")
-            d.setdefault(section, {})[key] = value
+            if not key:
+                d[section] = value  # "name"
+                continue
+            _field_hint(section, key, f"override {dotted}")  # a bad key is the override's fault, not the file's
+            if not isinstance(d.get(section) or {}, dict):
+                raise ValueError(f"{path}: '{section}' must be a mapping, got {d[section]!r}")
+            d[section] = {**(d.get(section) or {}), key: value}
         return cls.from_dict(d, str(path))
 
     def replace(self, **sections) -> "ExperimentConfig":
@@ -174,6 +199,93 @@ class ExperimentConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- values: YAML or --set text -> the field's type ------------------------------------------------------------
+
+_EXPECTED = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping {k: v}",
+             tuple: "a list [a, b, ...]"}
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(kind) -> dict:
+    """Field name -> resolved annotation (annotations are strings under `from __future__ import annotations`)."""
+    return typing.get_type_hints(kind)
+
+
+def _field_hint(section: str, key: str, where: str):
+    """The annotation of SECTION.KEY; ValueError naming `where` for an unknown section or key."""
+    if section not in SECTIONS:
+        raise ValueError(f"{where}: unknown section {section!r}; choose one of {list(SECTIONS)} (or name)")
+    hints = _hints(SECTIONS[section])
+    if key not in hints:
+        raise ValueError(f"{where}: unknown key {key!r} in '{section}'; allowed: {sorted(hints)}")
+    return hints[key]
+
+
+def coerce(value, hint, what: str):
+    """`value` as type `hint` (int, float, bool, str, dict, tuple[X, ...], X | None); ValueError naming `what`,
+    the value and the expected type. A single string for a tuple field is a one-element tuple."""
+    if type(None) in typing.get_args(hint) and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    kind, args = typing.get_origin(hint) or hint, typing.get_args(hint)
+    if kind is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return tuple(coerce(v, args[0], f"{what} (item {i})") if args else v for i, v in enumerate(value))
+    elif kind is dict:
+        if value is None or isinstance(value, dict):
+            return dict(value or {})
+    elif kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif kind in (int, float):
+        number = None if isinstance(value, bool) else value
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)):
+            if kind is float:
+                return float(number)
+            if float(number).is_integer():
+                return int(number)
+    else:
+        return value
+    raise ValueError(f"{what}: expected {_EXPECTED.get(kind, kind.__name__)} ({kind.__name__}), got {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set SECTION.KEY=VALUE` (or `name=VALUE`) items -> {"section.key": value}, each VALUE read as YAML and
+    coerced to the field's type; a string field keeps the text as typed. Errors name the --set item."""
+    out = {}
+    for item in items:
+        dotted, sep, text = item.partition("=")
+        where = f"--set {item}"
+        if not sep or ("." not in dotted and dotted != "name"):
+            raise ValueError(f"{where}: write SECTION.KEY=VALUE, e.g. train.steps=10 (sections: {list(SECTIONS)})")
+        if dotted == "name":
+            out[dotted] = text
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{where}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+        section, _, key = dotted.partition(".")
+        hint = _field_hint(section, key, where)
+        if hint is str and not isinstance(value, str):
+            value = text  # `--set model.preset=1` or `name=yes`: the text, not what YAML makes of it
+        out[dotted] = coerce(value, hint, where)
+    return out
 
 
 def _plain(x):
@@ -189,6 +301,13 @@ def batch_arithmetic(global_batch: int, micro_batch: int, world: int) -> int:
     """Gradient accumulation steps such that global = micro x accumulation x world; refuses what does not divide."""
     per_step = micro_batch * world
     if global_batch % per_step:
+        fix = "change train.global_batch or the number of GPUs"
+        if global_batch % world == 0:  # the largest micro batch <= this one that divides the per-rank batch
+            per_rank = global_batch // world
+            fits = max(m for m in range(1, min(micro_batch, per_rank) + 1) if per_rank % m == 0)
+            fix = f"use --set train.micro_batch={fits} (gradient accumulation {per_rank // fits}), or {fix}"
+        else:
+            fix = f"no micro batch fits: {global_batch} images do not split over {world} GPUs; {fix}"
         raise ValueError(f"train.global_batch {global_batch} is not a multiple of train.micro_batch {micro_batch} "
-                         f"x world size {world} = {per_step}: change micro_batch or the number of GPUs")
+                         f"x world size {world} = {per_step}: {fix}")
     return global_batch // per_step

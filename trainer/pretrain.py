@@ -17,9 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
-from trainer.config import ExperimentConfig  # noqa: E402
+from trainer.config import ExperimentConfig, parse_overrides  # noqa: E402
 
 
 def parse(argv=None, description=__doc__, extra=()) -> argparse.Namespace:
@@ -32,7 +30,8 @@ def parse(argv=None, description=__doc__, extra=()) -> argparse.Namespace:
     p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint), none, or a tag")
     p.add_argument("--until-step", type=int, help="stop cleanly at this step (scheduled jobs)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config entry (YAML value), e.g. --set train.steps=10")
+                   help="override one config entry (a YAML value, coerced to the entry's type), e.g. --set "
+                        "train.steps=10, --set optim.lr=1e-3, --set data.sources=[DIR1,DIR2]")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, batch arithmetic, shard "
                    "assignment per rank/worker and the resume plan; do not train (no launcher needed)")
     p.add_argument("--world-size", type=int, help="--dry-run: the number of GPUs to plan for (default: the "
@@ -42,20 +41,18 @@ def parse(argv=None, description=__doc__, extra=()) -> argparse.Namespace:
 
 
 def load(args) -> tuple[ExperimentConfig, dict]:
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise SystemExit(f"error: --set {item!r}: write SECTION.KEY=VALUE, e.g. train.steps=10")
-        overrides[key] = yaml.safe_load(value)
+    """(experiment config: --config with the --set overrides, DeepSpeed JSON); user errors as SystemExit."""
     try:
-        cfg = ExperimentConfig.from_yaml(args.config, overrides)
+        cfg = ExperimentConfig.from_yaml(args.config, parse_overrides(args.set))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     ds_path = Path(args.deepspeed_config)
     if not ds_path.is_file():
         raise SystemExit(f"error: --deepspeed_config {ds_path}: no such file (see ds_configs/)")
-    return cfg, json.loads(ds_path.read_text())
+    try:
+        return cfg, json.loads(ds_path.read_text())
+    except ValueError as e:
+        raise SystemExit(f"error: --deepspeed_config {ds_path}: not valid JSON ({e})") from None
 
 
 def dry_run(args, cfg, ds) -> None:
