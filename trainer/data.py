@@ -5,7 +5,8 @@ Part 1 of the streaming loader (issue 4). What is here is independent of how the
   URLs through fsspec (one filesystem per process) as `ResumableObject`s, instead of `pipe:` subprocesses
   (DESIGN.md). Bucket faults, retries and fsspec/s3fs configuration: see `trainer.bucket`.
 - `list_shards(source)`: a shard-set folder or URL (its manifest.json gives the shards and their sample counts),
-  a brace pattern (`dir/shard-{000000..000099}.tar`), or one `.tar`.
+  a brace pattern (`dir/shard-{000000..000099}.tar`), or one `.tar`. `check_sources` fails fast, before a run
+  directory exists, on a source that is none of these (no such path, a folder of images, an interrupted job).
 - `decode_sample`: a grouped tar sample -> {"dwt": (12, h, w) float16} when the set stores `dwt.f16` and the model
   runs in DWT mode, else {"img": (3, H, W) uint8} (resized for pixel mode). Horizontal flips are applied here:
   in DWT space a flip reverses every band along the width and negates cV and cD (a <-> b, c <-> d in each
@@ -22,13 +23,15 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.reader import load_manifest, split_member
-from pipeline.schema import decode_dwt
+from pipeline.credentials import credentials_guard, is_bucket
+from pipeline.reader import load_manifest, missing_manifest, split_member
+from pipeline.schema import MANIFEST, decode_dwt
 from pipeline.store import Store
 from trainer.bucket import (FSSPEC_SCHEMES, RETRIES, BadObjectError, ResumableObject, _fs_for, _retry_settings,
                             _with_retries, credentials_message, is_credentials_error, is_transient,
@@ -37,7 +40,8 @@ from trainer.dwt import dwt2, normalize_bands
 
 # The first eight are trainer.bucket's, re-exported (RETRIES is that module's Counter, not a copy).
 __all__ = ["FSSPEC_SCHEMES", "register_fsspec_schemes", "RETRIES", "ResumableObject", "BadObjectError",
-           "is_transient", "is_credentials_error", "credentials_message", "Shard", "list_shards", "group_samples",
+           "is_transient", "is_credentials_error", "credentials_message", "Shard", "list_shards", "check_sources",
+           "group_samples",
            "decode_sample", "flip_dwt", "collate", "to_model_input", "SkipCounter", "INPUT_MODES"]
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ INPUT_MODES = ("dwt", "pixel")
 class Shard:
     url: str
     samples: int | None  # from the manifest; None when the source is a bare pattern
+    size: int | None = None  # side of the set's crops in pixels (the manifest's config.size); None for a pattern
 
 
 def list_shards(source: str) -> list[Shard]:
@@ -58,8 +63,8 @@ def list_shards(source: str) -> list[Shard]:
     refused credentials stop the run (SystemExit) with a message naming the bucket and the variables to set."""
     from braceexpand import braceexpand
 
-    bucket = source.split("://", 1)[0] in FSSPEC_SCHEMES
-    try:
+    bucket = is_bucket(source)
+    with credentials_guard(source):
         if "{" in source or source.endswith(".tar"):
             shards = [Shard(url, None) for url in braceexpand(source)]
             if bucket and shards:  # fail early on credentials; a missing shard is counted when it is read
@@ -68,12 +73,33 @@ def list_shards(source: str) -> list[Shard]:
         store = Store(source)
         manifest = _with_retries(lambda: load_manifest(store), source, "reading the manifest of",
                                  *_retry_settings()) if bucket else load_manifest(store)
-    except Exception as e:
-        if bucket and is_credentials_error(e):
-            raise SystemExit(f"error: {credentials_message(source, e)}") from None
-        raise
     base = store.root if store.local else store.url
-    return [Shard(f"{base}/{entry['name']}", entry["samples"]) for entry in manifest["shards"]]
+    size = manifest.get("config", {}).get("size")
+    return [Shard(f"{base}/{entry['name']}", entry["samples"], size) for entry in manifest["shards"]]
+
+
+def check_sources(sources, where: str = "data.sources") -> None:
+    """Fail fast (SystemExit naming the source and the fix) on a data source that cannot be trained on, before a
+    run directory is made: one request per source (the manifest's existence, or a pattern's first shard), the
+    folder listed only when it is not a shard set (`pipeline.reader.missing_manifest`)."""
+    from braceexpand import braceexpand
+
+    if not sources:
+        raise SystemExit(f"error: {where} is empty: give shard sets made by `python -m pipeline.shard folder --src "
+                         f"DIR --out SHARDS`, e.g. --set data.sources=[SHARDS]")
+    for source in sources:
+        with credentials_guard(source):
+            if "{" in source or source.endswith(".tar"):
+                first = next(iter(braceexpand(source)))
+                if not is_bucket(source) and not Path(first).is_file():
+                    raise SystemExit(f"error: {where}: {source}: {first} not found (a pattern's shards must exist)")
+                if is_bucket(source):
+                    _with_retries(lambda: _probe(first), source, "checking", *_retry_settings())
+                continue
+            store = Store(source)
+            found = _with_retries(lambda: store.exists(MANIFEST), source, "checking", *_retry_settings())
+            if not found:
+                raise SystemExit(f"error: {where}: {source}/{MANIFEST} not found: {missing_manifest(store)}")
 
 
 def _probe(url: str) -> None:

@@ -24,6 +24,7 @@ from trainer.pretrain import dry_run, load, parse  # noqa: E402
 def main(argv=None) -> None:
     import torch.distributed as dist
 
+    from trainer.data import check_sources
     from trainer.loop import training_loop
     from trainer.weights import apply_pretrained, load_pretrained
 
@@ -34,6 +35,7 @@ def main(argv=None) -> None:
     if cfg.mask.rate != 0:
         raise SystemExit(f"error: {args.config}: fine-tuning trains on every patch; set mask.rate: 0 "
                          f"(it is {cfg.mask.rate})")
+    check_sources(cfg.data.sources)  # before the run directory exists
 
     def init(model):
         missing, unexpected = apply_pretrained(model, load_pretrained(args.init))

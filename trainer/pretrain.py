@@ -65,12 +65,14 @@ def dry_run(args, cfg, ds) -> None:
 
 
 def main(argv=None) -> None:
+    from trainer.data import check_sources
     from trainer.loop import training_loop
 
     args = parse(argv)
     cfg, ds = load(args)
     if args.dry_run:
         return dry_run(args, cfg, ds)
+    check_sources(cfg.data.sources)  # before the run directory exists
     training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step)
 
 
