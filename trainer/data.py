@@ -138,9 +138,11 @@ def flip_dwt(bands: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def decode_sample(sample: dict, mode: str, resolution: int | None = None, flip: bool = False) -> dict:
+def decode_sample(sample: dict, mode: str, resolution: int | None = None, flip: bool = False,
+                  on_resize=None) -> dict:
     """One tar sample -> {"dwt": (12, h, w) float16} or {"img": (3, H, W) uint8}, plus "key". Raises on a corrupt
-    sample (the caller counts it). `resolution`: pixel-mode side (crops are resized to it when they differ)."""
+    sample (the caller counts it). `resolution`: pixel-mode side (crops are resized to it when they differ, and
+    `on_resize((w, h))` is called first: resizing is silent otherwise)."""
     if mode not in INPUT_MODES:
         raise ValueError(f"unknown input mode {mode!r}; choose one of {INPUT_MODES}")
     key = sample["__key__"]
@@ -151,6 +153,8 @@ def decode_sample(sample: dict, mode: str, resolution: int | None = None, flip: 
     im = Image.open(io.BytesIO(sample["jpg"]))
     im = im.convert("RGB")
     if mode == "pixel" and resolution and im.size != (resolution, resolution):
+        if on_resize is not None:
+            on_resize(im.size)
         im = im.resize((resolution, resolution), Image.LANCZOS)
     img = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
     return {"key": key, "img": img.flip(-1) if flip else img}

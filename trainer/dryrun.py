@@ -27,6 +27,29 @@ def _precision(ds: dict) -> str:
     return "fp32"
 
 
+def _describe(a: dict) -> str:
+    names = a["shards"]
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} shards)" if len(names) > 6 else "")
+    return shown + (f"; {a['samples']:,} samples" if a["samples"] is not None else "")
+
+
+def _runs(texts: list[str]) -> list[tuple[int, int, str]]:
+    """(first slot, last slot, text) of each run of consecutive slots that read the same: 64 readers of one shard
+    make one line, not 64 identical ones."""
+    runs = []
+    for slot, text in enumerate(texts):
+        if runs and runs[-1][2] == text:
+            runs[-1] = (runs[-1][0], slot, text)
+        else:
+            runs.append((slot, slot, text))
+    return runs
+
+
+def _slot(slot: int, workers: int) -> str:
+    rank, worker = divmod(slot, workers)
+    return f"rank {rank} worker {worker}"
+
+
 def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, resume: str = "auto",
             max_slots: int = 64) -> str:
     """The report as text (also the return value of the CLI's --dry-run)."""
@@ -62,21 +85,27 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
         lines.append(f"one epoch = {total:,} samples = {per_epoch:,.1f} steps; the run ({t.steps} steps) = "
                      f"{t.steps / per_epoch:,.2f} epochs")
     S = world * stream.W
+    for src, size in stream.resized_sources():
+        lines.append(f"{src}: {size} px crops, resized to the {m.image_size} px pixel-mode model on every sample")
     if cfg.data.order == "exact" and len(stream.all_shards) < S:
         lines.append(f"fewer shards ({len(stream.all_shards)}) than ranks x workers ({S}): every reader reads "
                      f"all shards and keeps 1/{S} of the samples (correct, but reads {S}x the data: make more, "
                      f"smaller shards)")
+    elif len(stream.all_shards) < S:
+        lines.append(f"fewer shards ({len(stream.all_shards)}) than ranks x workers ({S}): the readers share "
+                     f"shards, so the same images reach several ranks at about the same time (less varied global "
+                     f"batches than the set allows; each reader shuffles only within its buffer). Make at least "
+                     f"{S} shards (pipeline.shard --shard-size), or run fewer data.workers")
     what = "epoch 0" if cfg.data.order == "exact" else "first chunk of an endless weighted draw"
     lines += ["", f"# shard assignment per rank and worker ({what})"]
     assignments = [stream.assignment(slot) for slot in range(S)]
-    for slot, a in enumerate(assignments[:max_slots]):
-        rank, worker = divmod(slot, stream.W)
-        names = a["shards"]
-        shown = ", ".join(names[:6]) + (f", ... ({len(names)} shards)" if len(names) > 6 else "")
-        lines.append(f"rank {rank} worker {worker}: {shown}"
-                     + (f"; {a['samples']:,} samples" if a["samples"] is not None else ""))
-    if S > max_slots:
-        lines.append(f"... ({S - max_slots} more)")
+    groups = _runs([_describe(a) for a in assignments])
+    for first, last, text in groups[:max_slots]:
+        lines.append(f"{_slot(first, stream.W)}: {text}" if first == last else
+                     f"slots {first}-{last} ({_slot(first, stream.W)} to {_slot(last, stream.W)}, "
+                     f"{last - first + 1} readers): {text}")
+    if len(groups) > max_slots:
+        lines.append(f"... ({len(groups) - max_slots} more lines, slots {groups[max_slots][0]}-{S - 1})")
     if cfg.data.order == "exact":
         counts = [a["samples"] for a in assignments]
         if all(c is not None for c in counts) and counts:

@@ -20,6 +20,7 @@ delivers the same next batch (batch i comes from logical worker i mod W). Replay
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from trainer.data import (INPUT_MODES, RETRIES, SkipCounter, collate, decode_sam
 __all__ = ["StreamConfig", "StreamPosition", "ShardStream", "ORDERS"]
 
 ORDERS = ("resampled", "exact")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,19 @@ class ShardStream(IterableDataset):
             if not shards:
                 raise ValueError(f"data source {src} has no shards")
         self.all_shards = [sh for shards in self.sources for sh in shards]
+        if rank == 0:  # once per run, not per sample or worker: the manifests say what every sample would be
+            for src, size in self.resized_sources():
+                log.warning("data source %s holds %d px crops; this pixel-mode model is %d px: every sample is "
+                            "resized from %d to %d px (set model.image_size: %d, or shard the set at --size %d)",
+                            src, size, cfg.resolution, size, cfg.resolution, size, cfg.resolution)
+
+    def resized_sources(self) -> list[tuple[str, int]]:
+        """(source, crop side) of the sources whose manifest gives another side than the pixel-mode model's."""
+        if self.cfg.mode != "pixel" or not self.cfg.resolution:
+            return []
+        sizes = [{sh.size for sh in shards} - {None} for shards in self.sources]
+        return [(src, size) for src, found in zip(self.cfg.sources, sizes) for size in sorted(found)
+                if size != self.cfg.resolution]
 
     # -- which raw samples chunk c of a slot holds, in order --------------------------------------------------
 
@@ -196,6 +211,8 @@ class ShardStream(IterableDataset):
         slot, S = self.rank * self.W + logical, self.world * self.W
         c, skip = self.start.chunks.get(logical, (0, 0))
         skips, batch, empty = SkipCounter(), [], 0
+        unsized = self.rank == 0 and self.cfg.mode == "pixel" and any(sh.size is None for sh in self.all_shards)
+        on_resize = _warn_once(self.cfg.resolution, self.cfg.sources) if unsized else None  # patterns: no manifest
         while True:
             plan = self._chunk_plan(slot, S, c)
             flips = np.random.default_rng([self.cfg.seed, slot, c, 2])
@@ -206,7 +223,7 @@ class ShardStream(IterableDataset):
                     continue
                 taken = j + 1
                 try:
-                    batch.append(decode_sample(raw, self.cfg.mode, self.cfg.resolution, flip))
+                    batch.append(decode_sample(raw, self.cfg.mode, self.cfg.resolution, flip, on_resize))
                 except Exception as e:  # noqa: BLE001 - corrupt sample: counted, skipped
                     skips.count("corrupt sample", f"{raw.get('__url__')}: {raw.get('__key__')}: {e}")
                     continue
@@ -224,3 +241,16 @@ class ShardStream(IterableDataset):
                                    f"(skipped so far: {dict(skips.counts)}); check the data sources "
                                    f"{list(self.cfg.sources)}")
             c, skip = c + 1, 0
+
+
+def _warn_once(resolution: int, sources):
+    """decode_sample's `on_resize` for sources without a manifest: one warning per worker process."""
+    warned = []
+
+    def on_resize(size):
+        if not warned:
+            warned.append(size)
+            log.warning("data sources %s: a %dx%d crop is resized to this pixel-mode model's %d px (further "
+                        "resizes are not reported); set model.image_size or shard at that --size", list(sources),
+                        *size, resolution)
+    return on_resize
