@@ -175,7 +175,9 @@ def model_card(meta: dict, weights: str, sha256: str, url: str | None = None) ->
               "# fine-tune from these weights (mask.rate: 0 in YOUR_FINETUNE.yaml)",
               f"deepspeed trainer/finetune.py --init {where} --config YOUR_FINETUNE.yaml \\",
               "    --deepspeed_config ds_configs/zero2_fp16.json --run-dir runs/ft",
-              "# sample from them", f"python -m trainer.sample --ckpt {where}", "```", "",
+              "# sample 64 images from them" + ("" if url else ", in the folder of this card") + " (into a folder "
+              "under samples/ that the command prints, or --out DIR)", f"python -m trainer.sample --ckpt "
+              f"{url or weights}", "```", "",
               "```python", "from trainer.weights import load_model",
               f'model, cfg, meta = load_model("{where}")  # U-ViT in eval mode, its config, this metadata', "```", "",
               "Loading verifies the sha256 (index.json of a published prefix, or the .sha256 file beside the "

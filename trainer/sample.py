@@ -1,7 +1,7 @@
 """Sample images from a trained model's EMA weights:
 
     python -m trainer.sample --ckpt RUN_DIR_OR_SAFETENSORS_OR_URL --n 64 --steps 250 --sampler ddim --eta 1.0 \
-        --seed 0 --out samples/run1
+        --seed 0 [--out samples/run1]     # default --out: samples/<checkpoint name>-step<N>
     torchrun --nproc_per_node 8 -m trainer.sample --ckpt ... --num-images 10000 --out samples/fid10k  # 8 GPUs
     deepspeed --num_gpus 8 trainer/sample.py --ckpt ... --num-images 10000 --out samples/fid10k       # the same
 
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from trainer.diffusion import SAMPLERS, alphas_cumprod, make_betas, make_clip, sample  # noqa: E402
 from trainer.images import save_grid, to_rgb_uint8  # noqa: E402
 
-__all__ = ["image_generators", "generate", "sample_to_folder", "distributed_context"]
+__all__ = ["image_generators", "generate", "sample_to_folder", "distributed_context", "default_out"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -75,6 +75,21 @@ def distributed_context() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def default_out(ckpt: str, meta: dict) -> Path:
+    """samples/<name>-step<N>, <name> that of the run dir, export folder (NAME/model.safetensors) or URL prefix, a
+    tag folder adding its tag: another model, or a later step of the same run, never lands in this one's folder."""
+    path = Path(ckpt.rstrip("/").split("://", 1)[-1])
+    path = path if "://" in ckpt else path.resolve()
+    if path.suffix == ".safetensors" or path.name == "index.json":
+        path = path.parent if path.stem in ("model", "index") else path.with_suffix("")
+    if path.name == "checkpoints":
+        path = path.parent
+    if path.parent.name == "checkpoints":  # RUN/checkpoints/TAG: the tag names the step
+        return Path("samples") / f"{path.parent.parent.name}-{path.name}"
+    step = meta.get("step")
+    return Path("samples") / ((path.name or "model") + (f"-step{step}" if step is not None else ""))
+
+
 def _settings(args, meta: dict) -> dict:
     return {"ckpt": args.ckpt, "model_step": meta.get("step"), "n": args.n, "steps": args.steps,
             "sampler": args.sampler, "eta": args.eta, "seed": args.seed}
@@ -116,7 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: DDPM-like)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (default: samples/<checkpoint name>-step<N>)")
     p.add_argument("--batch", type=int, default=16, help="images per forward pass, per GPU")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype of the model on GPUs")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
@@ -126,8 +141,10 @@ def main(argv=None) -> None:
     from trainer.weights import load_model
 
     rank, world, device = distributed_context()
-    out = Path(args.out)
     model, cfg, meta = load_model(args.ckpt, device=device)
+    out = Path(args.out) if args.out else default_out(args.ckpt, meta)
+    if rank == 0:
+        print(f"sampling {args.n} images from {args.ckpt} (step {meta.get('step')}) into {out}", flush=True)
     settings = _settings(args, meta)
     record = out / "sample.json"
     if record.exists() and {k: v for k, v in json.loads(record.read_text()).items() if k in settings} != settings:
@@ -150,7 +167,7 @@ def main(argv=None) -> None:
 
         first = sorted((out / "images").glob("[0-9]*.png"))[:64]
         grid = save_grid(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in first]), out / "grid.png")
-        print(json.dumps({"images": args.n, "folder": str(out / "images"), "grid": str(grid)}))
+        print(json.dumps({"images": args.n, "out": str(out), "folder": str(out / "images"), "grid": str(grid)}))
 
 
 if __name__ == "__main__":
