@@ -57,3 +57,94 @@ def test_ds_configs_hold_no_batch_or_lr(path):
     assert "gradient_clipping" in d
     assert not {k for k in d if "batch" in k or k in ("optimizer", "scheduler")}
     assert "torch_autocast" not in d  # clips scaled gradients in fp16 (DESIGN.md)
+
+
+# --- values: coerced to the field's type, from --set and YAML files alike; errors name the flag or the file --------
+
+def load_with(*sets: str, config=REPO / "configs" / "quickstart.yaml"):
+    from trainer.pretrain import load, parse
+
+    args = parse(["--config", str(config), "--deepspeed_config", str(REPO / "ds_configs" / "zero2_fp16.json"),
+                  "--run-dir", "unused", *[x for s in sets for x in ("--set", s)]])
+    return load(args)[0]
+
+
+def test_set_values_take_the_field_type():
+    cfg = load_with("optim.lr=1e-3", "train.steps=1e4", "data.sources=/path/shards", "optim.betas=[0.9, 1e-3]",
+                    "model.preset=tiny", "train.tensorboard=false", "name=my run")
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML alone reads 1e-3 as a string
+    assert cfg.train.steps == 10_000 and isinstance(cfg.train.steps, int)
+    assert cfg.data.sources == ("/path/shards",)  # one string is one source, not one per character
+    assert cfg.optim.betas == (0.9, 1e-3) and cfg.model.preset == "tiny" and cfg.train.tensorboard is False
+    assert cfg.name == "my run"
+    assert load_with("data.sources=[a, b]", "data.weights=[1, 3e-1]").data.weights == (1.0, 0.3)
+
+
+@pytest.mark.parametrize("item, needles", [
+    ("train.steps=abc", ["--set train.steps=abc", "expected an integer", "'abc'"]),
+    ("train.steps=2.5", ["--set train.steps=2.5", "expected an integer", "2.5"]),
+    ("optim.lr=fast", ["--set optim.lr=fast", "expected a number", "'fast'"]),
+    ("train.tensorboard=maybe", ["--set train.tensorboard=maybe", "expected true or false"]),
+    ("data.weights=[1, x]", ["--set data.weights=[1, x]", "(item 1)", "expected a number", "'x'"]),
+    ("model.overrides=3", ["--set model.overrides=3", "expected a mapping"]),
+    ("optim.lrr=1e-3", ["--set optim.lrr=1e-3: unknown key 'lrr' in 'optim'; allowed:", "'lr'", "'warmup_steps'"]),
+    ("optimizer.lr=1e-3", ["--set optimizer.lr=1e-3: unknown section 'optimizer'", "'optim'"]),
+    ("train.steps", ["--set train.steps", "SECTION.KEY=VALUE"]),
+    ("data.sources=[a", ["--set data.sources=[a", "not valid YAML"]),
+])
+def test_bad_set_values_name_the_flag_key_value_and_type(item, needles):
+    with pytest.raises(SystemExit) as e:
+        load_with(item)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and all(n in msg for n in needles), msg
+    assert "quickstart.yaml" not in msg  # the --set item is at fault, not the config file
+
+
+def test_yaml_values_take_the_field_type_and_errors_name_the_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim: {lr: 1e-3, betas: [0.9, 1e-2]}\ndata: {sources: shards/one}\ntrain: {steps: 2e3}\n"
+                    "mask:\n")
+    cfg = ExperimentConfig.from_yaml(path)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.data.sources, cfg.train.steps) == (1e-3, (0.9, 1e-2), ("shards/one",),
+                                                                                 2000)
+    assert isinstance(cfg.optim.lr, float) and isinstance(cfg.train.steps, int)
+    path.write_text("train: {steps: abc}\n")
+    with pytest.raises(ValueError, match=rf"{path}: train.steps: expected an integer \(int\), got 'abc'"):
+        ExperimentConfig.from_yaml(path)
+    with pytest.raises(SystemExit, match=rf"error: {path}: train.steps: expected an integer"):
+        load_with(config=path)
+    path.write_text("train: [1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{path}: 'train' must be a mapping"):
+        ExperimentConfig.from_yaml(path)
+    path.write_text("train: {steps: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        ExperimentConfig.from_yaml(path)
+
+
+def test_bad_batch_suggests_the_micro_batch_that_fits():
+    with pytest.raises(ValueError, match=r"256 .*micro_batch 32 x world size 16 = 512: use --set "
+                                         r"train.micro_batch=16 \(gradient accumulation 1\)"):
+        batch_arithmetic(256, 32, 16)
+    with pytest.raises(ValueError, match=r"--set train.micro_batch=32 \(gradient accumulation 4\)"):
+        batch_arithmetic(256, 48, 2)  # 128 per rank: 32 is the largest divisor <= 48
+    with pytest.raises(ValueError, match="no micro batch fits: 100 images do not split over 3 GPUs"):
+        batch_arithmetic(100, 32, 3)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("world", [1, 2, 8, 16, 32, 64])
+def test_the_suggested_micro_batch_works_for_every_shipped_config(path, world):
+    import re
+
+    t = ExperimentConfig.from_yaml(path).train
+    try:
+        batch_arithmetic(t.global_batch, t.micro_batch, world)
+        return
+    except ValueError as e:
+        msg = str(e)
+    if t.global_batch % world:
+        assert "no micro batch fits" in msg
+        return
+    micro = int(re.search(r"--set train.micro_batch=(\d+)", msg).group(1))
+    assert micro < t.micro_batch and batch_arithmetic(t.global_batch, micro, world) >= 1
+    assert not [m for m in range(micro + 1, t.micro_batch) if t.global_batch % (m * world) == 0]  # the largest
