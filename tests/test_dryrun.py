@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import fake_checkpoint, identity_tree
 from pipeline.shard import main as shard_main
-from pipeline_data import identity_tree
-from test_checkpoints import fake_checkpoint
 from trainer.pretrain import main as pretrain_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,3 +50,41 @@ def test_resume_plan_and_bad_batch(capsys, shards, tmp_path):
     assert "continues its data stream exactly" in out
     with pytest.raises(SystemExit, match="not a multiple"):
         dry(capsys, shards, tmp_path / "run", "--world-size", "3")
+
+
+def test_readers_of_the_same_shards_make_one_line_and_a_warning(capsys, shards, tmp_path):
+    """64 readers (16 ranks x 4 workers) of one tar: one summary line, and a word on what sharing means."""
+    out = dry(capsys, f"{shards}/shard-000000.tar", tmp_path / "run", "--world-size", "16",
+              "--set", "data.workers=4", "--set", "train.micro_batch=1")
+    assert "slots 0-63 (rank 0 worker 0 to rank 15 worker 3, 64 readers): shard-000000.tar" in out
+    assert not re.search(r"^rank \d+ worker \d+:", out, re.M)  # no per-slot line repeats it
+    assert "fewer shards (1) than ranks x workers (64): the readers share shards" in out
+    assert "same images reach several ranks" in out
+    out = dry(capsys, shards, tmp_path / "run", "--world-size", "2", "--set", "data.workers=2")  # 10 shards, 4 slots
+    assert "share shards" not in out and len(re.findall(r"^rank \d worker \d: ", out, re.M)) == 4
+
+
+def test_pixel_model_on_shards_of_another_size_is_reported(capsys, shards, tmp_path):
+    out = dry(capsys, shards, tmp_path / "run", "--set", "model.image_size=8")  # the set holds 16 px crops
+    assert f"{shards}: 16 px crops, resized to the 8 px pixel-mode model on every sample" in out
+    assert "resized" not in dry(capsys, shards, tmp_path / "run", "--set", "model.image_size=16")
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("missing", ["no such folder"]),
+    ("images", ["is a folder of images, not a shard set", "python -m pipeline.shard folder --src"]),
+    ("interrupted", ["holds 10 .tar files but no manifest.json: an interrupted `python -m pipeline.shard` job",
+                     "Re-run the same command"]),
+])
+def test_a_source_that_is_not_a_shard_set_says_what_it_is(capsys, shards, tmp_path, case, needles):
+    import shutil
+
+    source = tmp_path / case
+    if case == "images":
+        identity_tree(source, identities=2, per_identity=1, size=20)  # ID/IMAGE.jpg: images one level down
+    elif case == "interrupted":
+        shutil.copytree(shards, source)
+        (source / "manifest.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        dry(capsys, source, tmp_path / "run")
+    assert f"{source}/manifest.json not found" in str(e.value) and all(n in str(e.value) for n in needles), e.value

@@ -1,0 +1,184 @@
+"""User errors end in one line naming the flag or file and the fix, never a traceback: refused bucket credentials in
+every command that touches a bucket (real S3 endpoint: moto, with signatures checked), data sources that are not
+shard sets (checked before a run directory exists), the model card's sampling command run as written, and
+pixel-mode resizing reported once instead of silently."""
+import itertools
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from helpers import fake_run, identity_tree
+from pipeline.shard import main as shard_main
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "s3://test-bucket"
+SECRET = "garbled-S3cr3t-never-printed"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """6 shards of 16 px crops (2 samples each)."""
+    root = tmp_path_factory.mktemp("cli")
+    identity_tree(root / "src", identities=3, per_identity=4, size=40)
+    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", "16", "--no-dwt",
+                "--shard-size", "2"])
+    return root / "shards"
+
+
+# --- refused credentials: the bucket and the variables, in every command, never the secret ------------------------
+
+def enable_auth(server) -> dict:
+    """An IAM user with full access; from then on moto checks every request's signature against IAM."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=server.endpoint)
+    iam.create_user(UserName="user")
+    key = iam.create_access_key(UserName="user")["AccessKey"]
+    iam.put_user_policy(UserName="user", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    req = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    assert json.loads(urllib.request.urlopen(req).read())["status"] == "ok"
+    return key
+
+
+def commands(root: Path, shards: Path) -> dict[str, list[str]]:
+    """Each command a user types against a bucket (arguments after `python`)."""
+    run = fake_run(root / "run")
+    return {
+        "shard": ["-m", "pipeline.shard", "folder", "--src", str(shards.parent / "src"), "--out", f"{BUCKET}/new",
+                  "--size", "16"],
+        "verify": ["-m", "pipeline.verify", f"{BUCKET}/shards"],
+        "sample": ["-m", "trainer.sample", "--ckpt", f"{BUCKET}/models/tiny/model.safetensors"],
+        "export": ["-m", "trainer.export", str(run), "--out", str(root / "export" / "model.safetensors"),
+                   "--publish", f"{BUCKET}/models/tiny"],
+        "evaluate": ["-m", "trainer.evaluate", "--fake", str(shards.parent / "src"), "--ref", f"{BUCKET}/shards"],
+        "pretrain": [str(REPO / "trainer" / "pretrain.py"), "--config", str(REPO / "configs" / "quickstart.yaml"),
+                     "--deepspeed_config", str(REPO / "ds_configs" / "cpu_fp32.json"), "--run-dir",
+                     str(root / "train-run"), "--set", f"data.sources=[{BUCKET}/shards]"],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("credentials", ["wrong", "missing"])
+def test_every_bucket_command_names_the_bucket_and_variables(s3_server, shards, tmp_path, credentials):
+    fs_key = enable_auth(s3_server) if credentials == "wrong" else None
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", MASKDM_BUCKET_RETRIES="0", PYTHONPATH=str(REPO))
+    if fs_key is not None:  # a real key id with a garbled secret: the server refuses the signature (403)
+        env.update(AWS_ACCESS_KEY_ID=fs_key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=SECRET)
+    failures = []
+    for name, args in commands(tmp_path, shards).items():
+        r = subprocess.run([sys.executable, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+        text = r.stdout + r.stderr
+        expected = ["error: s3://test-bucket/", "bucket 'test-bucket' was refused",
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SECRET_ACCESS_KEY "
+                    + ("set" if fs_key else "unset")]
+        if r.returncode != 1 or "Traceback" in text or SECRET in text or not all(e in r.stderr for e in expected):
+            failures.append(f"{name} (exit {r.returncode}):\n{text[-3000:]}")
+    assert not failures, "\n\n".join(failures)
+    assert not (tmp_path / "train-run").exists()  # refused before the run directory was made
+
+
+# --- data sources that are not shard sets: said before a run directory exists ------------------------------------
+
+def train(main, source, run_dir, *extra):
+    main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--deepspeed_config",
+          str(REPO / "ds_configs" / "cpu_fp32.json"), "--run-dir", str(run_dir), "--set",
+          f"data.sources=[{source}]" if source is not None else "data.sources=[]", *extra])
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("missing", ["manifest.json not found", "no such folder"]),
+    ("images", ["manifest.json not found", "is a folder of images, not a shard set",
+                "python -m pipeline.shard folder --src", "--out SHARDS"]),
+    ("interrupted", ["holds 6 .tar files but no manifest.json: an interrupted `python -m pipeline.shard` job",
+                     "Re-run the same command", "python -m pipeline.merge"]),
+    ("no sources", ["data.sources is empty", "python -m pipeline.shard folder --src DIR --out SHARDS"]),
+])
+def test_training_on_what_is_not_a_shard_set_says_which_case(shards, tmp_path, case, needles):
+    from trainer.finetune import main as finetune_main
+    from trainer.pretrain import main as pretrain_main
+
+    source = None if case == "no sources" else tmp_path / case
+    if case == "images":
+        identity_tree(source, identities=2, per_identity=1, size=20)  # ID/IMAGE.jpg: images one folder down
+    elif case == "interrupted":
+        shutil.copytree(shards, source)
+        (source / "manifest.json").unlink()
+    for main, extra in ((pretrain_main, ()), (finetune_main, ("--init", "unused", "--set", "mask.rate=0"))):
+        with pytest.raises(SystemExit) as e:
+            train(main, source, tmp_path / "run", *extra)
+        assert str(e.value).startswith("error: ") and all(n in str(e.value) for n in needles), e.value
+        assert not (tmp_path / "run").exists()  # refused before training_loop made the run directory
+
+
+def test_a_bucket_prefix_without_a_shard_set(s3_server, shards):
+    import fsspec
+
+    from trainer.data import check_sources
+
+    fsspec.filesystem("s3", skip_instance_cache=True).put(str(shards.parent / "src"), "test-bucket/images",
+                                                          recursive=True)
+    with pytest.raises(SystemExit, match=r"s3://test-bucket/nothing/manifest.json not found: .*nothing under this "
+                                         r"bucket prefix"):
+        check_sources([f"{BUCKET}/nothing"])
+    with pytest.raises(SystemExit, match="s3://test-bucket/images is a folder of images, not a shard set"):
+        check_sources([f"{BUCKET}/images"])
+
+
+# --- the model card's sampling command works as written -----------------------------------------------------------
+
+def test_model_card_sampling_command_runs_as_written(tmp_path, monkeypatch, capsys):
+    from trainer.export import main as export_main
+    from trainer.sample import main as sample_main
+
+    run = fake_run(tmp_path / "run")
+    export_main([str(run), "--out", str(tmp_path / "tiny" / "model.safetensors")])
+    card = (tmp_path / "tiny" / "README.md").read_text()
+    lines = [x for x in card.splitlines() if x.startswith("python -m trainer.sample")]
+    assert len(lines) == 1, card
+    argv = shlex.split(lines[0])[3:]
+    monkeypatch.chdir(tmp_path / "tiny")  # "run this in the folder of this card"
+    capsys.readouterr()
+    sample_main(argv + ["--n", "2", "--steps", "2"])  # as written, only made cheaper
+    out = capsys.readouterr().out
+    assert "into samples/tiny-step3" in out, out
+    assert len(list((tmp_path / "tiny" / "samples" / "tiny-step3" / "images").glob("*.png"))) == 2
+    assert json.loads(out.strip().splitlines()[-1])["out"] == "samples/tiny-step3"
+
+
+# --- pixel mode on shards of another size: one warning, not silence, not one per sample ------------------------------
+
+def test_pixel_mode_resize_warns_once_with_both_sizes(shards, caplog):
+    from trainer.stream import ShardStream, StreamConfig
+
+    def batches(source, rank=0, n=4):
+        stream = ShardStream(StreamConfig((source,), mode="pixel", resolution=8, batch_size=2, buffer=4), rank, 2)
+        got = list(itertools.islice(iter(stream), n))
+        assert got[0]["img"].shape == (2, 3, 8, 8)
+        return [r.getMessage() for r in caplog.records if r.name == "trainer.stream"]
+
+    with caplog.at_level(logging.WARNING):
+        warnings = batches(str(shards))  # 8 samples resized, one warning (from the manifest, at construction)
+        assert len(warnings) == 1 and all(s in warnings[0] for s in (str(shards), "16 px", "8 px")), warnings
+        caplog.clear()
+        assert batches(str(shards), rank=1) == []  # rank 0 speaks for the run
+        caplog.clear()
+        warnings = batches(f"{shards}/shard-{{000000..000005}}.tar")  # no manifest: noticed when decoding
+        assert len(warnings) == 1 and "16x16" in warnings[0] and "8 px" in warnings[0], warnings
+        caplog.clear()
+        stream = ShardStream(StreamConfig((str(shards),), mode="pixel", resolution=16, batch_size=2, buffer=4))
+        next(iter(stream))
+        assert [r for r in caplog.records if r.name == "trainer.stream"] == []  # same size: nothing to say
