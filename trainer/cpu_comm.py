@@ -10,17 +10,29 @@ ahead-of-time switch for it short of rebuilding DeepSpeed itself (`DS_BUILD_SHM_
   says what is about to happen when the op is not built yet;
 - `build_cpu_comm_op(log)`: the quickstart builds it in a child process before its first launch, with the time it
   took, so the launches that follow start at once.
+
+`quiet_known_noise()` drops, in each rank, messages that every CPU launch printed once per rank and that say
+nothing to the user: torch's "No CUDA runtime is found, using CUDA_HOME=..." (logged when DeepSpeed loads the op
+through torch.utils.cpp_extension on a machine without a GPU) and the FutureWarning that DeepSpeed 0.19's comm layer
+calls the deprecated `torch.distributed.all_gather_into_tensor`; `init_distributed_quietly()` drops DeepSpeed's
+"deepspeed_shm_comm_op built successfully", printed at every launch even when nothing was built. Only those exact
+messages: every other line and warning passes.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
+import logging
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-__all__ = ["OP_NAME", "cpu_comm_build_dir", "cpu_comm_op_built", "announce_cpu_comm_build", "build_cpu_comm_op"]
+__all__ = ["OP_NAME", "cpu_comm_build_dir", "cpu_comm_op_built", "announce_cpu_comm_build", "build_cpu_comm_op",
+           "quiet_known_noise", "init_distributed_quietly"]
 
 OP_NAME = "deepspeed_shm_comm"
 
@@ -37,13 +49,15 @@ def cpu_comm_build_dir() -> Path:
     import torch
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        from torch.utils.cpp_extension import get_default_build_root
+    if root is None:  # torch.utils.cpp_extension.get_default_build_root, without importing that module (its import
+        # logs "No CUDA runtime is found" on CPU machines)
+        from torch._appdirs import user_cache_dir
 
+        base = os.path.realpath(user_cache_dir(appname="torch_extensions"))
         acc = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
         if torch.version.hip is not None:
             acc = f"rocm{torch.version.hip.replace('.', '')}"
-        root = os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{acc}")
+        root = os.path.join(base, f"py{sys.version_info.major}{sys.version_info.minor}_{acc}")
     return Path(root) / OP_NAME
 
 
@@ -87,3 +101,37 @@ def build_cpu_comm_op(log=print) -> float | None:
     seconds = time.time() - start
     log(f"  built in {seconds:.0f} s")
     return seconds
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_noise() -> None:
+    """Silence the two per-rank messages described in the module docstring (idempotent)."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    if _uses_cpu_accelerator():
+        log = logging.getLogger("torch.utils.cpp_extension")
+        if not any(isinstance(f, _DropMessage) for f in log.filters):
+            log.addFilter(_DropMessage("No CUDA runtime is found"))
+
+
+def init_distributed_quietly() -> None:
+    """`deepspeed.init_distributed()` with its "... built successfully" print dropped (other output passes)."""
+    import deepspeed
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            deepspeed.init_distributed()
+    finally:
+        kept = [line for line in buf.getvalue().splitlines(keepends=True)
+                if not (OP_NAME in line and "built successfully" in line)]
+        sys.stdout.write("".join(kept))
+        sys.stdout.flush()

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune
 from trainer.config import ExperimentConfig, batch_arithmetic
-from trainer.cpu_comm import announce_cpu_comm_build
+from trainer.cpu_comm import announce_cpu_comm_build, init_distributed_quietly, quiet_known_noise
 from trainer.data import to_model_input
 from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
 from trainer.ema import EMA
@@ -124,9 +124,10 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     from deepspeed.accelerator import get_accelerator
 
     # --- distributed set-up and batch arithmetic ------------------------------------------------------------
+    quiet_known_noise()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         announce_cpu_comm_build(log)  # a first CPU launch compiles DeepSpeed's comm op: say so before it starts
-    deepspeed.init_distributed()
+    init_distributed_quietly()
     rank, world = dist.get_rank(), dist.get_world_size()
     accumulation = batch_arithmetic(cfg.train.global_batch, cfg.train.micro_batch, world)
     ds = {**ds_config, "train_batch_size": cfg.train.global_batch,

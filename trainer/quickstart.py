@@ -2,14 +2,16 @@
 
     python -m trainer.quickstart --out runs/quickstart
 
-1. generate 2,048 synthetic cartoon faces (`pipeline.synthetic`) as JPEG files and shard them with the real
-   pipeline (`pipeline.shard folder`, 32 px crops, no download);
-2. `deepspeed --num_gpus 2 trainer/pretrain.py --config configs/quickstart.yaml`: 90% block-wise masked
-   pre-training of a small U-ViT (DS_ACCELERATOR=cpu and gloo when there is no GPU);
-3. `deepspeed ... trainer/finetune.py --init OUT/pretrain`: fine-tuning the same weights with mask rate 0;
-4. the fine-tuned EMA's sample grid is copied to OUT/samples.png, beside OUT/data.png (crops read back from the
-   shards). Each stage's run directory keeps its config, metrics.jsonl, checkpoints and sample grids; running the
-   command again resumes or skips what is done.
+1/4 shard: generate 2,048 synthetic cartoon faces (`pipeline.synthetic`) as JPEG files and shard them with the
+    real pipeline (`pipeline.shard folder`, 32 px crops, no download); OUT/data.png shows crops read back;
+2/4 pre-train: `deepspeed --num_gpus 2 trainer/pretrain.py --config configs/quickstart.yaml`, 90% block-wise
+    masked pre-training of a small U-ViT (DS_ACCELERATOR=cpu and gloo when there is no GPU);
+3/4 fine-tune: `deepspeed ... trainer/finetune.py --init OUT/pretrain`, the same weights with mask rate 0;
+4/4 sample: `python -m trainer.sample --ckpt OUT/finetune`, 64 images from the fine-tuned EMA weights (DDIM,
+    eta 1), their grid copied to OUT/samples.png beside OUT/data.png.
+Each stage prints its elapsed time and where its output went; each run directory keeps its config, metrics.jsonl,
+checkpoints and sample grids, and running the command again resumes or skips what is done. The settings (model,
+steps, batch, lr, EMA, sampler) were chosen by measuring: configs/quickstart.yaml and docs/performance.md.
 
 Point it at real data by sharding your images (`python -m pipeline.shard folder --src DIR --out shards/mine`) and
 training with your own config: README, "Training".
@@ -23,6 +25,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,28 +35,53 @@ from pipeline.reader import iter_samples, load_manifest
 from pipeline.shard import main as shard_main
 from pipeline.store import Store
 from pipeline.synthetic import synthetic_faces
+from trainer.cpu_comm import build_cpu_comm_op
 from trainer.images import save_grid
 from trainer.loop import release_shm
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "quickstart.yaml"
+GRID = 64       # images in data.png and samples.png (8 x 8)
+ZOOM = 3        # 32 px tiles are small on a screen: the grids are enlarged (nearest neighbour) by this factor
+# the two stages' lengths and the final sampler, with configs/quickstart.yaml: measured on 2 CPU cores to give
+# faces in about 5 minutes (docs/performance.md, "Quickstart")
+PRETRAIN_STEPS, FINETUNE_STEPS, SAMPLE_STEPS = 500, 500, 100
+
+
+def _zoomed(images: np.ndarray, path: Path) -> Path:
+    save_grid(np.repeat(np.repeat(images, ZOOM, axis=1), ZOOM, axis=2), path)
+    return path
 
 
 def make_shards(out: Path, n: int, seed: int = 0) -> Path:
     """Synthetic faces -> JPEG files -> a 32 px shard set made by the pipeline (kept if already complete)."""
     src = out / "source"
     if not src.is_dir():
+        tmp = out / ".source-partial"
+        shutil.rmtree(tmp, ignore_errors=True)
         for i, face in enumerate(synthetic_faces(n, size=72, seed=seed)):
-            path = src / f"id{i % 16:02d}" / f"{i:05d}.jpg"
+            path = tmp / f"id{i % 16:02d}" / f"{i:05d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(face).save(path, quality=95)
+        tmp.rename(src)  # only a complete source folder is reused by a second run
     shards = out / "shards"
     shard_main(["folder", "--src", str(src), "--out", str(shards), "--size", "32", "--no-dwt",
                 "--shard-size", "256"])
     store = Store(str(shards))
-    crops = [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
-             for s in iter_samples(store.read_bytes(load_manifest(store)["shards"][0]["name"]))][:16]
-    save_grid(np.stack(crops), out / "data.png")
+    crops = []
+    for entry in load_manifest(store)["shards"]:
+        crops += [np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+                  for s in iter_samples(store.read_bytes(entry["name"]))]
+        if len(crops) >= GRID:
+            break
+    _zoomed(np.stack(crops[:GRID]), out / "data.png")
     return shards
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def launch(script: str, run_dir: Path, ranks: int, sets: list[str], *extra: str) -> None:
@@ -67,43 +95,88 @@ def launch(script: str, run_dir: Path, ranks: int, sets: list[str], *extra: str)
         import torch
 
         ds = "zero2_bf16.json" if torch.cuda.get_device_capability(0)[0] >= 8 else "zero2_fp16.json"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-           str(port), str(REPO / "trainer" / script), "--config", str(REPO / "configs" / "quickstart.yaml"),
+    # --log_level error: the runner's and launcher's own INFO lines (its command line, world info) and its warning
+    # that a single machine has no hostfile; the ranks' output and warnings are untouched
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "error", "--num_gpus", str(ranks),
+           "--master_port", str(port), str(REPO / "trainer" / script), "--config", str(CONFIG),
            "--deepspeed_config", str(REPO / "ds_configs" / ds), "--run-dir", str(run_dir), *extra]
     for item in sets:
         cmd += ["--set", item]
-    print(f"$ {'DS_ACCELERATOR=cpu ' if not gpu else ''}deepspeed {' '.join(cmd[3:])}", flush=True)
+    print(f"  $ {'DS_ACCELERATOR=cpu ' if not gpu else ''}deepspeed {' '.join(cmd[5:])}", flush=True)
     code = subprocess.run(cmd, env=env).returncode
     release_shm(port)
     if code != 0:
         raise SystemExit(f"error: {script} failed; its log is above, its run directory is {run_dir}")
 
 
-def _has_cuda() -> bool:
-    import torch
+def sample(ckpt: Path, out: Path, n: int, steps: int) -> Path:
+    cmd = [sys.executable, "-m", "trainer.sample", "--ckpt", str(ckpt), "--num-images", str(n), "--steps",
+           str(steps), "--sampler", "ddim", "--eta", "1.0", "--seed", "0", "--out", str(out)]
+    print(f"  $ python {' '.join(cmd[1:])}", flush=True)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        raise SystemExit(f"error: sampling failed; its log is above (model: {ckpt})")
+    images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted((out / "images").glob("*.png"))[:n]])
+    return images
 
-    return torch.cuda.is_available()
+
+class Stages:
+    """Numbered stage banners, each with its elapsed time and where its output went."""
+
+    def __init__(self, total: int):
+        self.total, self.i, self.start = total, 0, time.time()
+
+    def run(self, name: str, what: str, fn, where) -> object:
+        self.i += 1
+        print(f"\n[{self.i}/{self.total}] {name}: {what}", flush=True)
+        t0 = time.time()
+        result = fn()
+        print(f"[{self.i}/{self.total}] {name} done in {_mmss(time.time() - t0)} -> {where}", flush=True)
+        return result
+
+    def elapsed(self) -> str:
+        return _mmss(time.time() - self.start)
+
+
+def _mmss(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--images", type=int, default=2048, help="synthetic faces to generate and shard")
     p.add_argument("--ranks", type=int, default=2, help="processes (GPUs, or CPU ranks without one)")
-    p.add_argument("--pretrain-steps", type=int, default=500)
-    p.add_argument("--finetune-steps", type=int, default=500)
+    p.add_argument("--pretrain-steps", type=int, default=PRETRAIN_STEPS)
+    p.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS)
+    p.add_argument("--sample-steps", type=int, default=SAMPLE_STEPS, help="DDIM steps of the final samples")
     a = p.parse_args(argv)
+    pre, fine = a.pretrain_steps, a.finetune_steps
     out = Path(a.out).resolve()
-    shards = make_shards(out, a.images)
+    gpu = _has_cuda()
+    where = f"{a.ranks} {'GPU' if gpu else 'CPU'} ranks"
+    stages = Stages(4)
+    print(f"quickstart: synthetic faces -> shards -> 90%-masked pre-training -> fine-tuning -> samples, in {out}")
+    shards = stages.run("shard", f"{a.images:,} synthetic faces -> 32 px shard set (pipeline.shard folder)",
+                        lambda: make_shards(out, a.images), f"{out / 'shards'}, crops in {out / 'data.png'}")
     common = [f"data.sources=[{shards}]"]
-    launch("pretrain.py", out / "pretrain", a.ranks, common + [f"train.steps={a.pretrain_steps}"])
-    launch("finetune.py", out / "finetune", a.ranks,
-           common + [f"train.steps={a.finetune_steps}", "mask.rate=0.0", "train.ckpt_every=1000000"],
-           "--init", str(out / "pretrain"))
-    grids = sorted((out / "finetune" / "samples").glob("*.png"))
-    shutil.copyfile(grids[-1], out / "samples.png")
-    print(f"wrote {out / 'data.png'} (training crops), {out / 'samples.png'} (samples of the fine-tuned EMA); "
-          f"runs in {out / 'pretrain'} and {out / 'finetune'}")
+    if not gpu:
+        build_cpu_comm_op()
+
+    stages.run("pre-train", f"{pre} steps, 90% of the patches dropped (block-wise), {where}",
+               lambda: launch("pretrain.py", out / "pretrain", a.ranks, common + [f"train.steps={pre}"]),
+               f"{out / 'pretrain'} (metrics.jsonl, checkpoints/, samples/)")
+    stages.run("fine-tune", f"{fine} steps on every patch from the pre-trained weights, {where}",
+               lambda: launch("finetune.py", out / "finetune", a.ranks,
+                              common + [f"train.steps={fine}", "mask.rate=0.0", f"train.ckpt_every={fine}"],
+                              "--init", str(out / "pretrain")),
+               f"{out / 'finetune'}")
+    images = stages.run("sample", f"{GRID} images from the fine-tuned EMA weights, DDIM eta 1, {a.sample_steps} steps",
+                        lambda: sample(out / "finetune", out / "samples", GRID, a.sample_steps),
+                        f"{out / 'samples'}")
+    _zoomed(images, out / "samples.png")
+    print(f"\nquickstart done in {stages.elapsed()}: look at {out / 'samples.png'} (samples of the fine-tuned "
+          f"model) beside {out / 'data.png'} (training crops); runs in {out / 'pretrain'} and {out / 'finetune'}")
 
 
 if __name__ == "__main__":
