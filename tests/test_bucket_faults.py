@@ -18,9 +18,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import identity_tree
 from pipeline.reader import iter_samples
 from pipeline.shard import main as shard_main
-from pipeline_data import identity_tree
 from trainer import bucket, data
 from trainer.stream import ShardStream, StreamConfig
 

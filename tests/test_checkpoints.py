@@ -1,14 +1,8 @@
 """Choosing the checkpoint to resume from (trainer/checkpoints.py), without launching DeepSpeed."""
 import pytest
 
+from helpers import fake_checkpoint
 from trainer.checkpoints import checkpoint_world, latest_tag, mark_complete, plan_resume, prune
-
-
-def fake_checkpoint(ckpt_dir, tag, ranks):
-    (ckpt_dir / tag).mkdir(parents=True)
-    for r in range(ranks):
-        (ckpt_dir / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"")
-    (ckpt_dir / "latest").write_text(tag)
 
 
 def test_plan_resume(tmp_path):

@@ -4,8 +4,8 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import tar_file_iterator
 
+from helpers import identity_tree
 from pipeline.shard import main as shard_main
-from pipeline_data import identity_tree
 from trainer.data import (SkipCounter, collate, decode_sample, flip_dwt, group_samples, list_shards,
                           register_fsspec_schemes, to_model_input)
 from trainer.dwt import dwt2

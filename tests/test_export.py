@@ -4,6 +4,7 @@ bit-identical whether the weights come from the DeepSpeed checkpoint, the fp32 e
 import hashlib
 import json
 import re
+import shutil
 from importlib.metadata import version
 
 import pytest
@@ -11,9 +12,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.shard import main as shard_main
-from pipeline_data import identity_tree
-from test_trainer import launch, write_config
 from trainer.config import ExperimentConfig
 from trainer.diffusion import alphas_cumprod, make_betas, make_clip, sample
 from trainer.export import main as export_main
@@ -29,14 +27,11 @@ URL = "s3://test-bucket/models/tiny"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """One 4-step ZeRO-3 run (checkpoints at steps 2 and 4), plus the evaluation records trainer.evaluate appends."""
+def run(tmp_path_factory, zero_run):
+    """A 4-step ZeRO-3 run (checkpoints at steps 2 and 4; a copy of the shared one, conftest.zero_run), plus the
+    evaluation records trainer.evaluate appends."""
     root = tmp_path_factory.mktemp("export")
-    identity_tree(root / "src", identities=4, per_identity=8, size=48)
-    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", "16", "--no-dwt",
-                "--shard-size", "4"])
-    cfg, dsc = write_config(root, root / "shards", steps=4, ckpt_every=2, stage=3)
-    launch(cfg, dsc, root / "run")
+    shutil.copytree(zero_run(3).run, root / "run")
     with open(root / "run" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 4, "fid": 123.5, "kid": 0.25, "n": 8}) + "\n")
         f.write(json.dumps({"step": 2, "fid": 777.25}) + "\n")  # the step-2 checkpoint's, not step 4's
@@ -65,7 +60,7 @@ def draw(model, cfg, seed=7):
                   clip=make_clip("pixel"), generator=torch.Generator().manual_seed(seed))
 
 
-def test_export_metadata_model_card_and_checksum(run, exports, tmp_path):
+def test_export_metadata_model_card_and_checksum(run, exports, tmp_path, train_shards):
     client, _ = read_deepspeed(run / "run")
     path = exports / "fp32" / "model.safetensors"
     meta, tensors = metadata(path)
@@ -74,8 +69,8 @@ def test_export_metadata_model_card_and_checksum(run, exports, tmp_path):
     assert meta["config"] == client["config"] and meta["step"] == 4 and meta["images"] == 4 * 8
     assert meta["dtype"] == "float32" and meta["maskdm_format"] == 1 and meta["format"] == "pt"
     assert meta["maskdm_version"] == version("maskdm") and meta["checkpoint"] == "step00000004"
-    manifest = (run / "shards" / "manifest.json").read_bytes()
-    assert meta["data"] == [{"source": str(run / "shards"), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+    manifest = (train_shards / "manifest.json").read_bytes()
+    assert meta["data"] == [{"source": str(train_shards), "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
                              "samples": 32}]
     train = [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
     assert meta["metrics"] == {"train": train, "eval": [{"step": 4, "fid": 123.5, "kid": 0.25, "n": 8}]}
@@ -86,7 +81,7 @@ def test_export_metadata_model_card_and_checksum(run, exports, tmp_path):
     assert (exports / "fp32" / "model.safetensors.sha256").read_text() == f"{digest}  model.safetensors\n"
     card = (exports / "fp32" / "README.md").read_text()
     for text in ("U-ViT-tiny", f"{params:,}", "pixel: RGB 16x16", "4 steps, 32 images", "fid: 123.5", "--init",
-                 "python -m trainer.sample --ckpt", "terms of each dataset", digest, str(run / "shards")):
+                 "python -m trainer.sample --ckpt", "terms of each dataset", digest, str(train_shards)):
         assert text in card, text
     assert "777.25" not in card  # the other checkpoint's evaluation
 

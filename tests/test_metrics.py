@@ -18,6 +18,11 @@ FID_RTOL = 1e-3          # the brief's tolerance against established implementat
 # features differ by ~1e-6 on values up to ~10.
 FEATURE_ATOL = 1e-4
 EXACT_RTOL = 1e-9        # float64 algebra of the same quantity by two routes
+# SWD of the same images and seed in other batch sizes: the same patches, but each batch's descriptors are
+# normalised and projected as one float32 BLAS product and float32 partial sums, whose summation order (kernel
+# blocking) changes with the batch size and the BLAS build: ~1e-8 relative seen (float32 rounding: 6e-8). Another
+# seed (other patches and directions) moves it by far more.
+SWD_BATCH_RTOL = 1e-6
 
 
 def nchw(images: np.ndarray) -> torch.Tensor:
@@ -301,8 +306,9 @@ def test_swd_zero_for_identical_grows_with_perturbation_and_is_deterministic():
     assert base["SWDx1e3_avg"] == pytest.approx(np.mean([base[f"SWDx1e3_{r}"] for r in (64, 32, 16)]))
     assert heavy["SWDx1e3_64"] > light["SWDx1e3_64"] > 2 * base["SWDx1e3_64"] > 0
     assert heavy["SWDx1e3_avg"] > light["SWDx1e3_avg"] > base["SWDx1e3_avg"]
-    assert M.swd_images(faces, noisy(6), batch_size=5) == light         # seeded; batching does not matter
-    assert M.swd_images(faces, noisy(6), seed=1) != light
+    # seeded: another batch size gives the same SWD (up to summation order), another seed does not
+    assert M.swd_images(faces, noisy(6), batch_size=5) == pytest.approx(light, rel=SWD_BATCH_RTOL)
+    assert M.swd_images(faces, noisy(6), seed=1) != pytest.approx(light, rel=SWD_BATCH_RTOL)
     with pytest.raises(ValueError, match="same size"):
         M.swd_images(faces, faces[:10])
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import SHARED_DATA, bad_inputs, celebahq_tree, identity_tree, jpeg_bytes, vggface2_tree
 from pipeline import merge, preview, verify
 from pipeline.imaging import face_square, haar_dwt_f16, process_image
 from pipeline.synthetic import synthetic_faces
 from pipeline.reader import iter_samples
 from pipeline.schema import decode_dwt, encode_key
 from pipeline.shard import main as shard_main
-from pipeline_data import bad_inputs, celebahq_tree, identity_tree, jpeg_bytes, vggface2_tree
 
 
 def shard(*args):
@@ -323,8 +323,6 @@ def test_preview_and_no_dwt(tmp_path):
 
 def test_real_faces_folder(tmp_path):
     """Real JPEGs (LFW, 250x250) through the folder job and verify: the DWT tolerance holds on real data."""
-    from conftest import SHARED_DATA
-
     archive = SHARED_DATA / "lfw-deepfunneled.tar"
     if not archive.exists():
         pytest.skip(f"{archive} not found")

@@ -3,15 +3,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
+import psutil  # (a DeepSpeed dependency)
 
-from pipeline_data import identity_tree
+from helpers import identity_tree, wait_for
 
 
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True, timeout=300,
                           **kw)
+
+
+def alive(process: psutil.Process) -> bool:
+    """Still running (a zombie waiting for its new parent to reap it writes nothing more)."""
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def files(out):
@@ -26,11 +34,11 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.shard", *map(str, flags), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while len(list((out / ".state").glob("shard-*.json"))) < 3:  # a few shards done, more in flight
-        assert proc.poll() is None, "the job finished before it could be killed: make the corpus larger"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: len(list((out / ".state").glob("shard-*.json"))) >= 3, 120,  # a few shards done, more in flight
+             "3 complete shards (if the job ended first, make the corpus larger)", poll=0.01,
+             alive=lambda: proc.poll() is None)
+    workers = psutil.Process(proc.pid).children(recursive=True)  # the pool's processes
+    assert workers, "the job has no worker processes: --workers 2 did not start a pool"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
@@ -38,7 +46,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
     for name, data in files(out).items():  # whatever is visible under a final name is complete and correct
         if name.endswith(".tar"):
             assert data == reference[name], f"{name} is visible but differs from the uninterrupted run"
-    time.sleep(0.5)  # the pool workers die with their parent (PR_SET_PDEATHSIG): let them go
+    # the pool workers die with their parent (PR_SET_PDEATHSIG); until they have, one may still complete a shard
+    wait_for(lambda: not any(alive(w) for w in workers), 60, "the pool workers to die with their parent")
     done = len(list((out / ".state").glob("shard-*.json")))
     rerun = cli("pipeline.shard", *flags, "--out", out)
     assert rerun.returncode == 0, rerun.stderr

@@ -1,47 +1,21 @@
 """trainer.sample: per-image seeds (same images on 1 or 2 ranks, any batch size), resumable output, DWT models."""
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import free_port, run_launcher
-from trainer.config import ExperimentConfig
-from trainer.models import build_model
+from helpers import REPO, fake_run, free_port, launcher_env, run_launcher
 from trainer.sample import main as sample_main
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def fake_run(root: Path, input_mode: str = "pixel") -> Path:
-    """A run directory as the training loop leaves it (rank 0's model states with the EMA and the config)."""
-    cfg = ExperimentConfig.from_dict({
-        "model": {"preset": "tiny", "input": input_mode, "image_size": 16, "patch_size": 4,
-                  "overrides": {"dim": 32, "heads": 2}},
-        "train": {"schedule": "cosine", "global_batch": 8, "micro_batch": 4}})
-    m = cfg.model
-    torch.manual_seed(0)
-    model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, **m.overrides)
-    with torch.no_grad():  # a non-trivial output layer (it starts at zero)
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    tag = root / "checkpoints" / "step00000003"
-    tag.mkdir(parents=True)
-    torch.save({"step": 3, "config": cfg.to_dict(),
-                "ema": {"decay": 0.999, "shadow": {k: v.clone() for k, v in model.state_dict().items()}}},
-               tag / "mp_rank_00_model_states.pt")
-    (root / "checkpoints" / "latest").write_text("step00000003")
-    return root
 
 
 def pixels(folder: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))]
 
 
+@pytest.mark.slow
 def test_same_images_on_one_or_two_ranks_and_any_batch(tmp_path):
     run = fake_run(tmp_path / "run")
     common = ["--ckpt", str(run), "--steps", "4", "--eta", "1.0", "--seed", "7"]
@@ -53,7 +27,7 @@ def test_same_images_on_one_or_two_ranks_and_any_batch(tmp_path):
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            str(REPO / "trainer" / "sample.py"), *common, "--num-images", "5", "--batch", "3",
            "--out", str(tmp_path / "two")]
-    r = run_launcher(cmd, {**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    r = run_launcher(cmd, launcher_env(), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     two = pixels(tmp_path / "two")
     assert len(two) == 5 and all(np.array_equal(a, b) for a, b in zip(one, two))

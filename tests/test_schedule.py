@@ -2,37 +2,37 @@
 publish successive milestones; further invocations are no-ops; a milestone trained but not published (a killed
 invocation) is published without training again; a 2-rank fine-tune starts from the published URL."""
 import json
-import os
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from test_trainer import launch_script, records, shards, write_config  # noqa: F401 - shards: a fixture
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, free_port, launch_script, launcher_env, records, release_shm, write_config
 pytestmark = pytest.mark.slow
 
 
 def schedule(cfg, dsc, run, ref, *extra):
-    launcher = f"{sys.executable} -m deepspeed.launcher.runner --num_gpus 2 --master_port {free_port()}"
+    port = free_port()
+    launcher = f"{sys.executable} -m deepspeed.launcher.runner --num_gpus 2 --master_port {port}"
     cmd = [sys.executable, "-m", "trainer.schedule", "--config", str(cfg), "--deepspeed_config", str(dsc),
            "--run-dir", str(run), "--every", "2", "--publish", "s3://test-bucket/models/tiny", "--launcher", launcher,
            "--ref", str(ref), "--eval-n", "4", "--eval-steps", "2", "--eval-metrics", "fid", *extra]
-    r = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
-                       timeout=600, cwd=REPO)
+    try:
+        r = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    finally:
+        release_shm(port)  # the schedule's launches leave DeepSpeed's /dev/shm buffers behind (helpers.release_shm)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
 
-def test_two_invocations_publish_two_milestones(tmp_path, shards, s3_server):  # noqa: F811
+def test_two_invocations_publish_two_milestones(tmp_path, train_shards, s3_server):
     import fsspec
 
     from trainer.weights import load_model
 
-    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=100, stage=2)
+    cfg, dsc = write_config(tmp_path, train_shards, steps=4, ckpt_every=100, stage=2)
+    shards = shutil.copytree(train_shards, tmp_path / "ref")  # the reference set (evaluate writes its cache there)
     run = tmp_path / "run"
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     out1 = schedule(cfg, dsc, run, shards)

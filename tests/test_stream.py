@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from helpers import identity_tree
 from pipeline.shard import main as shard_main
-from pipeline_data import identity_tree
 from trainer.stream import ShardStream, StreamConfig, StreamPosition
 
 

@@ -1,105 +1,37 @@
 """The trainer with the real DeepSpeed launcher on CPU (DS_ACCELERATOR=cpu, gloo, 2 ranks): ZeRO 1/2/3 train,
 checkpoint and resume; a SIGKILLed run resumed equals an uninterrupted one."""
 import json
+import math
 import os
+import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port, release_shm, run_launcher
-from pipeline.shard import main as shard_main
-from pipeline_data import identity_tree
+from helpers import final_state, launch, launch_script, records, release_shm, wait_for, write_config
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trainer")
-    identity_tree(root / "src", identities=4, per_identity=8, size=48)
-    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", "16", "--no-dwt",
-                "--shard-size", "4"])
-    return root / "shards"
-
-
-def write_config(tmp_path, shards, steps, ckpt_every, stage):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(f"""name: test
-model: {{preset: tiny, input: pixel, image_size: 16, patch_size: 4, overrides: {{dim: 32, heads: 2}}}}
-mask: {{kind: block, rate: 0.5, block: 2}}
-data: {{sources: [{shards}], order: resampled, workers: 0, buffer: 8}}
-optim: {{lr: 1.0e-3}}
-train: {{steps: {steps}, global_batch: 8, micro_batch: 2, log_every: 2, ckpt_every: {ckpt_every},
-        sample_every: 1000, sample_n: 4, sample_steps: 3}}
-""")
-    ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
-    ds["zero_optimization"]["stage"] = stage
-    dsc = tmp_path / f"ds{stage}.json"
-    dsc.write_text(json.dumps(ds))
-    return cfg, dsc
-
-
-def launch(cfg, dsc, run_dir, *extra, wait=True, check=True):
-    return launch_script("pretrain.py", cfg, dsc, run_dir, *extra, wait=wait, check=check)
-
-
-def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True, num_gpus=2):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
-           "--master_port", str(free_port()),
-           str(REPO / "trainer" / script), "--config", str(cfg), "--deepspeed_config", str(dsc),
-           "--run-dir", str(run_dir), *map(str, extra)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-    r = run_launcher(cmd, env, timeout=600)
-    assert r.returncode == 0 or not check, r.stdout[-4000:] + r.stderr[-4000:]
-    return r
-
-
-def records(run_dir):
-    """The training records of metrics.jsonl (not the sample-grid entries)."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def final_state(run_dir, tag):
-    """Rank 0's model-states file (ZeRO-3 names it per rank): module weights (not under ZeRO-3) + client state."""
-    folder = Path(run_dir) / "checkpoints" / tag
-    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    path = next(folder / n for n in names if (folder / n).exists())
-    return torch.load(path, weights_only=False)
-
-
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_train_checkpoint_and_resume(tmp_path, shards, stage):
-    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=2, stage=stage)
-    if stage == 2:  # and TensorBoard
-        cfg.write_text(cfg.read_text().replace("sample_steps: 3", "sample_steps: 3, tensorboard: true"))
-    if stage == 1:  # and pruning
-        cfg.write_text(cfg.read_text().replace("sample_steps: 3", "sample_steps: 3, keep_last: 1"))
-    run = tmp_path / "run"
-    launch(cfg, dsc, run, "--until-step", 2)
-    assert (run / "checkpoints" / "latest").read_text().strip() == "step00000002"
-    r = launch(cfg, dsc, run)  # --resume auto
-    assert '"resumed"' in r.stdout
+def test_zero_stages_train_checkpoint_and_resume(zero_run, stage):
+    z = zero_run(stage)  # `--until-step 2`, then a resume to step 4 (conftest.zero_run)
+    assert (z.at_step_2 / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    assert '"resumed"' not in z.first.stdout and '"resumed"' in z.second.stdout
+    run = z.run
     recs = records(run)
-    assert [x["step"] for x in recs] == [2, 4] and all(x["loss"] == x["loss"] for x in recs)  # finite
+    assert [x["step"] for x in recs] == [2, 4] and all(math.isfinite(x["loss"]) for x in recs)
     assert recs[-1]["images"] == 4 * 8
     client = final_state(run, "step00000004")
     assert client["step"] == 4 and len(client["positions"]) == 2 and set(client["ema"]["shadow"])
     assert (run / "config.yaml").exists()
     grids = sorted(p.name for p in (run / "samples").glob("*.png"))
     assert grids == ["step00000002.png", "step00000004.png"]  # at the end of each invocation
-    if stage == 1:
+    if stage == 1:  # keep_last: 1
         assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000004"]
-    if stage == 2:
+    if stage == 2:  # tensorboard: true
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
@@ -107,23 +39,26 @@ def test_zero_stages_train_checkpoint_and_resume(tmp_path, shards, stage):
         assert [e.step for e in events.Images("samples")] == [2, 4]
 
 
-def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shards):
-    cfg, dsc = write_config(tmp_path, shards, steps=60, ckpt_every=4, stage=1)
+# Checkpoints every 4 steps, a SIGKILL once step 8's is complete: the kill lands mid-run with >= 4 steps left
+# (the run cannot finish in the time between two polls), and the resumed run still repeats steps after it.
+KILL_STEPS = 24
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, train_shards):
+    cfg, dsc = write_config(tmp_path, train_shards, steps=KILL_STEPS, ckpt_every=4, stage=1)
     launch(cfg, dsc, tmp_path / "ref")
     run = tmp_path / "killed"
     proc = launch(cfg, dsc, run, wait=False)
     latest = run / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.exists() and latest.read_text().strip() >= "step00000008"):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: latest.exists() and latest.read_text().strip() >= "step00000008", 300,
+             "the checkpoint of step 8", alive=lambda: proc.poll() is None)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
     proc.wait()
     release_shm(proc.args[proc.args.index("--master_port") + 1])
-    assert latest.read_text().strip() != "step00000060"
+    final = f"step{KILL_STEPS:08d}"
+    assert latest.read_text().strip() != final
     launch(cfg, dsc, run)
-    a, b = final_state(tmp_path / "ref", "step00000060"), final_state(run, "step00000060")
+    a, b = final_state(tmp_path / "ref", final), final_state(run, final)
     # CPU fp32, same ops in the same order: the resumed run is bit-identical (tolerance for safety only)
     for k in a["module"]:
         assert torch.allclose(a["module"][k], b["module"][k], atol=1e-6), k
@@ -131,18 +66,17 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, shards):
         assert torch.allclose(a["ema"]["shadow"][k], b["ema"]["shadow"][k], atol=1e-6), k
 
 
-def test_finetune_from_a_pretrained_run(tmp_path, shards):
-    cfg, dsc = write_config(tmp_path, shards, steps=2, ckpt_every=2, stage=2)
-    launch(cfg, dsc, tmp_path / "pre")
+def test_finetune_from_a_pretrained_run(tmp_path, zero_run):
+    pre = zero_run(2)  # a 4-step ZeRO-2 pre-training run (mask rate 0.5)
     ft_cfg = tmp_path / "ft.yaml"
-    ft_cfg.write_text(cfg.read_text().replace("rate: 0.5", "rate: 0.0"))
-    r = launch_script("finetune.py", ft_cfg, dsc, tmp_path / "ft", "--init", tmp_path / "pre")
+    ft_cfg.write_text(pre.cfg.read_text().replace("rate: 0.5", "rate: 0.0").replace("steps: 4", "steps: 2"))
+    r = launch_script("finetune.py", ft_cfg, pre.dsc, tmp_path / "ft", "--init", pre.run)
     init = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"init"'))
     assert init["missing_keys"] == [] and init["unexpected_keys"] == []
     assert [x["step"] for x in records(tmp_path / "ft")] == [2]
     bad = tmp_path / "bad.yaml"
     bad.write_text(ft_cfg.read_text().replace("dim: 32", "dim: 48"))
-    r = launch_script("finetune.py", bad, dsc, tmp_path / "ft2", "--init", tmp_path / "pre", check=False)
+    r = launch_script("finetune.py", bad, pre.dsc, tmp_path / "ft2", "--init", pre.run, check=False)
     assert r.returncode != 0 and "do not fit the model" in r.stdout + r.stderr and "pos_embed" in r.stdout + r.stderr
 
 
@@ -153,14 +87,14 @@ def fp32_weights(run_dir, tag):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, shards, stage):
+def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, zero_run, stage):
     from trainer.models import build_model
 
-    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=2, stage=stage)
+    z = zero_run(stage)
     run = tmp_path / "run"
-    launch(cfg, dsc, run, "--until-step", 2)                       # 2 ranks
+    shutil.copytree(z.at_step_2, run)                              # 2 ranks trained it to step 2
     # 1 rank, and another seed: weights that were not loaded would be a fresh init of that seed
-    r = launch_script("pretrain.py", cfg, dsc, run, "--set", "train.seed=12345", num_gpus=1)
+    r = launch_script("pretrain.py", z.cfg, z.dsc, run, "--set", "train.seed=12345", num_gpus=1)
     assert "restarts with seed" in r.stdout and '"universal": true' in r.stdout
     assert (run / "checkpoints" / "step00000002_universal" / "zero").is_dir()
     assert not list((run / "checkpoints").glob(".tmp-*"))
@@ -175,27 +109,15 @@ def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, s
     assert client["step"] == 4 and len(client["positions"]) == 1 and client["data_seed"] != 12345
 
 
-def _cpu_fp16_works() -> bool:
-    try:
-        a = torch.ones(4, 4, dtype=torch.float16)
-        return bool(torch.isfinite(torch.nn.functional.layer_norm(a @ a, (4,))).all())
-    except RuntimeError:
-        return False
-
-
-@pytest.mark.skipif(not _cpu_fp16_works(), reason="this CPU/torch build has no fp16 kernels")
-def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path, shards):
-    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=3, stage=1)
+def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path, train_shards, cpu_fp16, monkeypatch):
+    cfg, dsc = write_config(tmp_path, train_shards, steps=4, ckpt_every=3, stage=1)
     ds = json.loads(dsc.read_text())
     ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1, "min_loss_scale": 1}
     dsc.write_text(json.dumps(ds))
     cfg.write_text(cfg.read_text().replace("log_every: 2", "log_every: 1"))
     run = tmp_path / "run"
-    os.environ["MASKDM_INJECT_NONFINITE"] = "3"  # the 4th step: an infinite loss on rank 0
-    try:
-        launch(cfg, dsc, run)
-    finally:
-        del os.environ["MASKDM_INJECT_NONFINITE"]
+    monkeypatch.setenv("MASKDM_INJECT_NONFINITE", "3")  # the 4th step: an infinite loss on rank 0 (the launch
+    launch(cfg, dsc, run)                                 # environment is built from os.environ)
     recs = records(run)
     assert [x["skipped_steps"] for x in recs] == [0, 0, 0, 1]
     assert recs[3]["loss_scale"] == recs[2]["loss_scale"] / 2
@@ -209,38 +131,32 @@ def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path, shards):
     assert moved  # (the EMA is not trivially zero)
 
 
-def test_nonfinite_loss_without_loss_scaling_saves_and_stops(tmp_path, shards):
-    cfg, dsc = write_config(tmp_path, shards, steps=4, ckpt_every=100, stage=2)
-    os.environ["MASKDM_INJECT_NONFINITE"] = "2"
-    try:
-        r = launch(cfg, dsc, tmp_path / "run", check=False)
-    finally:
-        del os.environ["MASKDM_INJECT_NONFINITE"]
+def test_nonfinite_loss_without_loss_scaling_saves_and_stops(tmp_path, train_shards, monkeypatch):
+    cfg, dsc = write_config(tmp_path, train_shards, steps=4, ckpt_every=100, stage=2)
+    monkeypatch.setenv("MASKDM_INJECT_NONFINITE", "2")  # seen by the launched ranks (environment from os.environ)
+    r = launch(cfg, dsc, tmp_path / "run", check=False)
     assert r.returncode != 0 and "non-finite loss at step 2" in r.stdout + r.stderr
     client = final_state(tmp_path / "run", "nonfinite-step00000002")
     assert client["step"] == 2
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, shards):
-    cfg, dsc = write_config(tmp_path, shards, steps=100_000, ckpt_every=7, stage=2)
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, train_shards):
+    cfg, dsc = write_config(tmp_path, train_shards, steps=100_000, ckpt_every=7, stage=2)
     run = tmp_path / "run"
     proc = launch(cfg, dsc, run, wait=False)
     latest = run / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not latest.exists():
-        assert proc.poll() is None, "the run ended before it could be stopped"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(latest.exists, 300, "the first checkpoint", alive=lambda: proc.poll() is None)
     os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as Slurm's time limit or scancel does
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 120
-    while True:  # the ranks outlive the runner while they save
+
+    def ranks_gone():  # the ranks outlive the runner while they save
         try:
             os.killpg(proc.pid, 0)
         except ProcessLookupError:
-            break
-        assert time.monotonic() < deadline, "the ranks did not stop"
-        time.sleep(0.1)
+            return True
+        return False
+
+    proc.wait(timeout=60)
+    wait_for(ranks_gone, 120, "the ranks to stop", poll=0.1)
     release_shm(proc.args[proc.args.index("--master_port") + 1])
     stopped = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "stopped" in r]
     assert len(stopped) == 1

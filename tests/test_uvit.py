@@ -4,7 +4,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import requires_cuda
+from helpers import requires_cuda
 from trainer.masking import patchify, visible_indices
 from trainer.models import PRESETS, UViTConfig, build_model, flops_per_image
 from trainer.models.uvit import timestep_embedding
