@@ -43,27 +43,29 @@ SCRIPT = r'''
 import argparse, os, torch, deepspeed
 from trainer.ema import EMA
 from trainer.models import build_model
-p = argparse.ArgumentParser(); p.add_argument("--local_rank", type=int); p.add_argument("--stage", type=int)
-p.add_argument("--out"); a = p.parse_args()
+p = argparse.ArgumentParser(); p.add_argument("--local_rank", type=int); p.add_argument("--out"); a = p.parse_args()
 deepspeed.init_distributed()
-torch.manual_seed(0)
-model = build_model("tiny", 3, 16)
-# plain SGD: Adam's 1/sqrt(v) would magnify the (legitimate) rounding differences between ZeRO-1's all-reduce
-# and ZeRO-3's reduce-scatter on near-zero gradients; this test is about the EMA, not the optimiser
-opt = torch.optim.SGD(model.parameters(), lr=0.1)
-cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-       "zero_optimization": {"stage": a.stage}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
-engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-ema = EMA(engine.module, 0.5)
-g = torch.Generator().manual_seed(100 + engine.global_rank)
-for step in range(3):
-    x = torch.randn(2, 3, 16, 16, generator=g); t = torch.randint(0, 1000, (2,), generator=g)
-    loss = (engine(x, t) - x).square().mean()
-    engine.backward(loss); engine.step()
-    if engine.was_step_applied():
-        ema.update(engine.module)
-if engine.global_rank == 0:
-    torch.save(ema.state_dict(), a.out)
+for stage in (1, 3):  # one launch, two engines of their own, each from the same seed and data
+    torch.manual_seed(0)
+    model = build_model("tiny", 3, 16)
+    # plain SGD: Adam's 1/sqrt(v) would magnify the (legitimate) rounding differences between ZeRO-1's all-reduce
+    # and ZeRO-3's reduce-scatter on near-zero gradients; this test is about the EMA, not the optimiser
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    assert engine.zero_optimization_stage() == stage
+    ema = EMA(engine.module, 0.5)
+    g = torch.Generator().manual_seed(100 + engine.global_rank)
+    for step in range(3):
+        x = torch.randn(2, 3, 16, 16, generator=g); t = torch.randint(0, 1000, (2,), generator=g)
+        loss = (engine(x, t) - x).square().mean()
+        engine.backward(loss); engine.step()
+        if engine.was_step_applied():
+            ema.update(engine.module)
+    if engine.global_rank == 0:
+        torch.save(ema.state_dict(), f"{a.out}/ema{stage}.pt")
+    engine.destroy()
 '''
 
 
@@ -72,14 +74,10 @@ def test_ema_is_the_same_under_zero1_and_zero3(tmp_path):
     script = tmp_path / "ema_ds.py"
     script.write_text(SCRIPT)
     env = {**launcher_env(), "PYTHONPATH": str(REPO)}
-    results = {}
-    for stage in (1, 3):
-        out = tmp_path / f"ema{stage}.pt"
-        r = run_launcher([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                          "--master_port", str(free_port()), str(script), "--stage", str(stage),
-                          "--out", str(out)], env=env, timeout=300)
-        assert r.returncode == 0 and out.exists(), r.stdout[-3000:] + r.stderr[-3000:]
-        results[stage] = torch.load(out, weights_only=True)["shadow"]
+    r = run_launcher([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                      "--master_port", str(free_port()), str(script), "--out", str(tmp_path)], env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = {stage: torch.load(tmp_path / f"ema{stage}.pt", weights_only=True)["shadow"] for stage in (1, 3)}
     assert results[1].keys() == results[3].keys()
     for k in results[1]:
         assert results[3][k].shape == results[1][k].shape, k  # full tensors, not ZeRO-3 slices

@@ -33,10 +33,12 @@ def test_to_rgb_inverts_both_input_modes(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end(tmp_path):
-    """The README's main job with tiny step counts: shard, 2-rank DeepSpeed pre-training and fine-tuning, grid."""
-    quickstart.main(["--out", str(tmp_path), "--images", "48", "--pretrain-steps", "2", "--finetune-steps", "2"])
+    """The README's main job with tiny step counts: shard, 2-rank DeepSpeed pre-training and fine-tuning, a grid of
+    samples (as many as data.png shows: quickstart.GRID) beside one of training crops."""
+    quickstart.main(["--out", str(tmp_path), "--images", str(quickstart.GRID), "--pretrain-steps", "2",
+                     "--finetune-steps", "2", "--sample-steps", "2"])
     assert Image.open(tmp_path / "samples.png").size == Image.open(tmp_path / "data.png").size
-    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["totals"]["samples"] == 48
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["totals"]["samples"] == quickstart.GRID
     for stage in ("pretrain", "finetune"):
         records = [json.loads(line) for line in open(tmp_path / stage / "metrics.jsonl")]
         train = [r for r in records if "loss" in r]  # (sample-grid entries carry no loss)
