@@ -106,6 +106,7 @@ def retries() -> int:
 
 # --- exact epochs from a bucket ----------------------------------------------------------------------------------
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_s3_exact_epochs_two_ranks_two_workers(tmp_path, s3_server):
     """Shard to s3:// with the CLI's code path, then 2 ranks x 2 DataLoader workers (4 slots, 6 shards): every sample
     exactly once in each of two epochs."""
@@ -191,6 +192,7 @@ def test_endpoint_outage_mid_stream_is_retried_and_loses_nothing(local_set, s3_p
     assert resumed and max(resumed) > 0, caplog.text  # a shard read failed half-way and was resumed, not restarted
 
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_endpoint_outage_met_by_worker_processes(local_set, s3_proxy, fast_retries, tmp_path):
     """The same outage met by 2 DataLoader worker processes (each with its own client, configured by the
     environment): the workers log their retries, and the stream equals the undisturbed one."""

@@ -41,6 +41,7 @@ def run_eval(capsys, *args) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # Inception FID end to end, on CPU
 def test_same_images_score_zero_and_noise_does_not(sets, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("MASKDM_CACHE", str(tmp_path / "home-cache"))
     same = run_eval(capsys, "--fake", sets / "png", "--ref", sets / "shards", "--metrics", "fid,kid,swd",
@@ -57,6 +58,7 @@ def test_same_images_score_zero_and_noise_does_not(sets, capsys, monkeypatch, tm
     assert not (tmp_path / "home-cache").exists()
 
 
+@pytest.mark.slow
 def test_reference_cache_is_reused_and_keyed_by_content(sets, capsys, tmp_path):
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -72,6 +74,7 @@ def test_reference_cache_is_reused_and_keyed_by_content(sets, capsys, tmp_path):
     assert len(list((ref / "eval-cache").glob("*.stats.npz"))) == 2
 
 
+@pytest.mark.slow
 def test_reference_shards_in_a_bucket(sets, capsys, s3_server):
     shard_main(["folder", "--src", str(sets / "src"), "--out", "s3://test-bucket/ref", "--size", "32", "--no-dwt",
                 "--shard-size", "8"])
@@ -83,6 +86,7 @@ def test_reference_shards_in_a_bucket(sets, capsys, s3_server):
     assert len(fs.ls("test-bucket/ref/eval-cache")) == 2
 
 
+@pytest.mark.slow
 def test_ckpt_samples_records_in_the_run_and_plots(sets, capsys, tmp_path):
     run = fake_run(tmp_path / "run")  # a 16 px pixel-mode model
     r = run_eval(capsys, "--ckpt", run, "--ref", sets / "shards", "--n", "8", "--steps", "2", "--batch", "4",

@@ -124,6 +124,7 @@ def test_strict_stops_at_the_first_bad_input(tmp_path):
         shard("folder", "--src", src, "--out", tmp_path / "out", "--strict")
 
 
+@pytest.mark.slow  # a worker pool
 def test_byte_identical_whatever_workers(tmp_path):
     src = identity_tree(tmp_path / "src", identities=3, per_identity=3)
     shard("folder", "--src", src, "--out", tmp_path / "a", "--shard-size", 2, "--workers", 1)

@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import psutil  # (a DeepSpeed dependency)
+import pytest
 
 from helpers import identity_tree, wait_for
+
+pytestmark = pytest.mark.slow  # CLIs as subprocesses, worker pools, a moto server
 
 
 def cli(*args, **kw):

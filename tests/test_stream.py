@@ -35,6 +35,7 @@ def keys(bs):
     return [k for b in bs for k in b["keys"]]
 
 
+@pytest.mark.slow  # DataLoader worker processes
 @pytest.mark.parametrize("source,shards_per_chunk", [("A", 1), ("A", 2), ("B", 1)])
 def test_exact_epochs_two_ranks_two_workers(sets, source, shards_per_chunk):
     """Every sample exactly once per epoch across 2 ranks x 2 workers: A has 6 shards for 4 slots (split by
@@ -78,7 +79,8 @@ def _keys_of(path):
     return {s["__key__"] for e in m["shards"] for s in iter_samples((Path(path) / e["name"]).read_bytes())}
 
 
-@pytest.mark.parametrize("order,workers", [("resampled", 2), ("exact", 2), ("exact", 0)])
+@pytest.mark.parametrize("order,workers", [pytest.param("resampled", 2, marks=pytest.mark.slow),  # worker processes
+                                           pytest.param("exact", 2, marks=pytest.mark.slow), ("exact", 0)])
 def test_resume_continues_the_stream_exactly(sets, order, workers):
     cfg = StreamConfig((sets["A"],), mode="pixel", order=order, batch_size=3, buffer=4, seed=9)
     full = batches(cfg, workers=workers, n=14)
