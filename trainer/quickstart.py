@@ -45,7 +45,7 @@ GRID = 64       # images in data.png and samples.png (8 x 8)
 ZOOM = 3        # 32 px tiles are small on a screen: the grids are enlarged (nearest neighbour) by this factor
 # the two stages' lengths and the final sampler, with configs/quickstart.yaml: measured on 2 CPU cores to give
 # faces in about 5 minutes (docs/performance.md, "Quickstart")
-PRETRAIN_STEPS, FINETUNE_STEPS, SAMPLE_STEPS = 500, 500, 100
+PRETRAIN_STEPS, FINETUNE_STEPS, SAMPLE_STEPS = 300, 400, 100
 
 
 def _zoomed(images: np.ndarray, path: Path) -> Path:
@@ -111,7 +111,7 @@ def launch(script: str, run_dir: Path, ranks: int, sets: list[str], *extra: str)
 
 def sample(ckpt: Path, out: Path, n: int, steps: int) -> Path:
     cmd = [sys.executable, "-m", "trainer.sample", "--ckpt", str(ckpt), "--num-images", str(n), "--steps",
-           str(steps), "--sampler", "ddim", "--eta", "1.0", "--seed", "0", "--out", str(out)]
+           str(steps), "--sampler", "ddim", "--eta", "1.0", "--seed", "0", "--batch", str(n), "--out", str(out)]
     print(f"  $ python {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise SystemExit(f"error: sampling failed; its log is above (model: {ckpt})")
