@@ -85,3 +85,42 @@ def test_ema_is_the_same_under_zero1_and_zero3(tmp_path):
     torch.manual_seed(0)
     init = build_model("tiny", 3, 16)  # the scripts' starting weights
     assert any(not torch.allclose(results[1][n], p, atol=1e-4) for n, p in init.named_parameters())  # it moved
+
+
+def test_warmup_copies_first_then_follows_the_schedule_capped_at_the_rate():
+    torch.manual_seed(2)
+    model = build_model("tiny", 3, 16)
+    ema = EMA(model, decay=0.99, warmup=True)
+    decays = []
+    for k in range(2000):
+        decays.append(ema.current_decay())
+        if k < 3:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+            ema.update(model)
+            if k == 0:  # decay 0 at the first update: the shadow is the weights
+                assert all(torch.equal(ema.shadow[n], p.float()) for n, p in model.named_parameters())
+        else:
+            ema.updates += 1  # the schedule only depends on the count
+    assert decays[0] == 0.0 and abs(decays[10] - (1 - 11 ** (-2 / 3))) < 1e-12
+    assert all(a <= b for a, b in zip(decays, decays[1:])) and decays[-1] == 0.99
+    assert EMA(model, decay=0.99).current_decay() == 0.99  # off: the configured rate from the first update
+
+
+def test_warmup_state_resumes_exactly_and_old_states_count_as_warmed_up():
+    torch.manual_seed(3)
+    model = build_model("tiny", 3, 16)
+    a = EMA(model, 0.999, warmup=True)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.9)
+        a.update(model)
+    b = EMA(model, 0.999, warmup=True)
+    b.load_state_dict(a.state_dict())
+    assert b.updates == 5 and b.current_decay() == a.current_decay()
+    old = {k: v for k, v in a.state_dict().items() if k != "updates"}  # a checkpoint from before the warm-up
+    c = EMA(model, 0.999, warmup=True)
+    c.load_state_dict(old)
+    assert c.current_decay() == 0.999
