@@ -79,7 +79,7 @@ RUN pip install --no-cache-dir --extra-index-url "$TORCH_INDEX" \
 ENV PIP_CONSTRAINT=/opt/venv/constraints.txt
 
 # The project's dependencies (pyproject.toml, with the s3 and eval extras) at the versions its test suite passes with
-# on the development machines (2026-11): numpy 2.4.6, webdataset 1.0.2 (DESIGN.md's pitfalls are written against
+# on the development machines (2026-11): numpy 2.4.6, webdataset 1.0.2 (docs/design.md's pitfalls are written against
 # 1.0.x), fsspec/s3fs 2026.9.0 (s3fs requires the same fsspec release), scipy 1.17.1 (< 1.18, see pyproject),
 # and the rest as installed there. Transitive dependencies resolve to their newest compatible release.
 RUN pip install --no-cache-dir \

@@ -1,3 +1,3 @@
 """maskdm offline sharding pipeline: raw corpora -> WebDataset shards of 256 px face crops + Haar DWT.
 
-Never imports `trainer` (see DESIGN.md, Layout)."""
+Never imports `trainer` (see docs/design.md, Layout)."""

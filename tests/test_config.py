@@ -56,7 +56,7 @@ def test_ds_configs_hold_no_batch_or_lr(path):
     d = json.loads(path.read_text())
     assert "gradient_clipping" in d
     assert not {k for k in d if "batch" in k or k in ("optimizer", "scheduler")}
-    assert "torch_autocast" not in d  # clips scaled gradients in fp16 (DESIGN.md)
+    assert "torch_autocast" not in d  # clips scaled gradients in fp16 (docs/design.md)
 
 
 # --- values: coerced to the field's type, from --set and YAML files alike; errors name the flag or the file --------

@@ -1,7 +1,7 @@
 """Bucket access for the streaming loader: webdataset opens `s3://`, `gs://`, ... URLs through fsspec.
 
 `register_fsspec_schemes()`: webdataset 1.0 opens bucket URLs through fsspec (one filesystem per process) as
-`ResumableObject`s, instead of `pipe:` subprocesses (DESIGN.md); faults: see below. `trainer.data` (shard lists,
+`ResumableObject`s, instead of `pipe:` subprocesses (docs/design.md); faults: see below. `trainer.data` (shard lists,
 decoding, batching) uses this module and re-exports its public names.
 
 Bucket configuration (standard fsspec / s3fs / botocore; nothing maskdm-specific):

@@ -6,7 +6,7 @@ clipping, communication); never in argparse defaults.
 Values are coerced to each field's annotated type, from YAML files and `--set` alike (`parse_overrides`): PyYAML
 reads `1e-3` (no dot) as a string, and `--set data.sources=DIR` (no brackets) as one string, not a list.
 
-Batch arithmetic (DESIGN.md): global batch = micro batch x gradient accumulation x world size, computed once by
+Batch arithmetic (docs/design.md): global batch = micro batch x gradient accumulation x world size, computed once by
 `batch_arithmetic` from `train.global_batch`, `train.micro_batch` and the launched world size.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Part 1 of the streaming loader (issue 4). What is here is independent of how the stream is split and ordered:
 - `register_fsspec_schemes()` (from `trainer.bucket`, re-exported here): webdataset 1.0 opens `s3://`, `gs://`, ...
   URLs through fsspec (one filesystem per process) as `ResumableObject`s, instead of `pipe:` subprocesses
-  (DESIGN.md). Bucket faults, retries and fsspec/s3fs configuration: see `trainer.bucket`.
+  (docs/design.md). Bucket faults, retries and fsspec/s3fs configuration: see `trainer.bucket`.
 - `list_shards(source)`: a shard-set folder or URL (its manifest.json gives the shards and their sample counts),
   a brace pattern (`dir/shard-{000000..000099}.tar`), or one `.tar`. `check_sources` fails fast, before a run
   directory exists, on a source that is none of these (no such path, a folder of images, an interrupted job).

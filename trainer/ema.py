@@ -1,4 +1,4 @@
-"""Exponential moving average of the model weights, kept in fp32 (DESIGN.md: the classic fp16 mode stores the
+"""Exponential moving average of the model weights, kept in fp32 (docs/design.md: the classic fp16 mode stores the
 module in half precision; the EMA must not be), correct under ZeRO-3.
 
     ema = EMA(engine.module, decay=0.999)

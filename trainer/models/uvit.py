@@ -6,7 +6,7 @@ for masked score matching (MaskDM, Lei et al. 2023).
          output and projects 2D -> D: the long skips) -> LayerNorm -> Linear to patch pixels
       -> full image (visible=None) or per-token predictions for the visible patches only.
 
-Conventions (DESIGN.md): the diffusion step t enters as a token (sinusoidal embedding of the integer step, no
+Conventions (docs/design.md): the diffusion step t enters as a token (sinusoidal embedding of the integer step, no
 MLP by default); a learnable positional embedding covers [time, patches]; pre-norm blocks; no conv head. Masked
 tokens are DROPPED before the first block: only the S visible tokens (+ the time token) pass through the network,
 so a 90% mask costs ~1/10 of the FLOPs. Attention is PyTorch `scaled_dot_product_attention` (memory-efficient
