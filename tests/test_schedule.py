@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from helpers import REPO, free_port, launch_script, launcher_env, records, release_shm, write_config
+
 pytestmark = pytest.mark.slow
 
 
@@ -21,7 +22,7 @@ def schedule(cfg, dsc, run, ref, *extra):
     try:
         r = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     finally:
-        release_shm(port)  # the schedule's launches leave DeepSpeed's /dev/shm buffers behind (helpers.release_shm)
+        release_shm(port)  # DeepSpeed's /dev/shm buffers, should a launch fail (helpers.release_shm)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 
