@@ -291,6 +291,24 @@ def final_state(run_dir, tag):
     return torch.load(path, weights_only=False)
 
 
+def enable_auth(server) -> dict:
+    """An IAM user with full access on the local S3 endpoint; from then on moto checks every request's signature
+    against IAM (so wrong or missing credentials are refused as by a real bucket). Returns the user's access key."""
+    import urllib.request
+
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=server.endpoint)
+    iam.create_user(UserName="user")
+    key = iam.create_access_key(UserName="user")["AccessKey"]
+    iam.put_user_policy(UserName="user", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    req = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                 headers={"Content-Type": "application/octet-stream"})
+    assert json.loads(urllib.request.urlopen(req).read())["status"] == "ok"
+    return key
+
+
 def fake_run(root: Path, input_mode: str = "pixel") -> Path:
     """A run directory as the training loop leaves it (rank 0's model states with the EMA and the config)."""
     from trainer.config import ExperimentConfig

@@ -10,7 +10,6 @@ import logging
 import re
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from helpers import identity_tree
+from helpers import enable_auth, identity_tree
 from pipeline.reader import iter_samples
 from pipeline.shard import main as shard_main
 from trainer import bucket, data
@@ -315,21 +314,6 @@ def test_every_cut_of_a_shard_is_seen_as_truncated(local_set):
 # --- credentials: a clear error at first contact, never the secret -----------------------------------------------
 
 SECRET = "wrong-S3cr3t-d0-n0t-print"
-
-
-def enable_auth(server) -> dict:
-    """An IAM user with full access; from then on moto checks every request's signature against IAM."""
-    import boto3
-
-    iam = boto3.client("iam", endpoint_url=server.endpoint)
-    iam.create_user(UserName="trainer")
-    key = iam.create_access_key(UserName="trainer")["AccessKey"]
-    iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    req = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
-                                 headers={"Content-Type": "application/octet-stream"})
-    assert json.loads(urllib.request.urlopen(req).read())["status"] == "ok"
-    return key
 
 
 def use_credentials(monkeypatch, key_id, secret):

@@ -10,12 +10,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import fake_run, identity_tree
+from helpers import enable_auth, fake_run, identity_tree
 from pipeline.shard import main as shard_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,20 +33,6 @@ def shards(tmp_path_factory):
 
 
 # --- refused credentials: the bucket and the variables, in every command, never the secret ------------------------
-
-def enable_auth(server) -> dict:
-    """An IAM user with full access; from then on moto checks every request's signature against IAM."""
-    import boto3
-
-    iam = boto3.client("iam", endpoint_url=server.endpoint)
-    iam.create_user(UserName="user")
-    key = iam.create_access_key(UserName="user")["AccessKey"]
-    iam.put_user_policy(UserName="user", PolicyName="all", PolicyDocument=json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
-    req = urllib.request.Request(f"{server.endpoint}/moto-api/reset-auth", data=b"0", method="POST",
-                                 headers={"Content-Type": "application/octet-stream"})
-    assert json.loads(urllib.request.urlopen(req).read())["status"] == "ok"
-    return key
 
 
 def commands(root: Path, shards: Path) -> dict[str, list[str]]:
