@@ -307,5 +307,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         board.close()
     dist.barrier()  # every rank is done communicating: the shared-memory buffers can go
     release_shm(os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR", "127.0.0.1"), engine.local_rank)
+    # without this a gloo worker thread can still be finishing the barrier at interpreter shutdown: it is killed
+    # holding no GIL and C++ aborts ("terminate called without an active exception", exit -6) after a finished run
+    dist.destroy_process_group()
     return {"step": step, "images": step * cfg.train.global_batch}
 

@@ -90,6 +90,8 @@ def launch(script: str, run_dir: Path, ranks: int, sets: list[str], *extra: str)
         port = s.getsockname()[1]
     gpu = _has_cuda()
     env = dict(os.environ) if gpu else {**os.environ, "DS_ACCELERATOR": "cpu"}
+    if not gpu and "OMP_NUM_THREADS" not in env:  # each rank's share of the cores: more threads than cores spin-wait
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
     ds = "cpu_fp32.json"
     if gpu:  # bf16 needs Ampere (compute capability 8.0) or newer; V100 trains in fp16 with loss scaling
         import torch
