@@ -66,6 +66,10 @@ for stage in (1, 3):  # one launch, two engines of their own, each from the same
     if engine.global_rank == 0:
         torch.save(ema.state_dict(), f"{a.out}/ema{stage}.pt")
     engine.destroy()
+# as trainer/loop.py does: a gloo thread still in the last collective at interpreter shutdown can abort the rank
+# with "terminate called without an active exception" (exit -6); tear the group down first
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 '''
 
 
