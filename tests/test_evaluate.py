@@ -92,7 +92,8 @@ def test_ckpt_samples_records_in_the_run_and_plots(sets, capsys, tmp_path):
     r = run_eval(capsys, "--ckpt", run, "--ref", sets / "shards", "--n", "8", "--steps", "2", "--batch", "4",
                  "--metrics", "fid,swd", "--swd-n", "8")
     assert r["step"] == 3 and r["n"] == 8 and r["side"] == 16 and r["fid"] > 0 and "kid" not in r
-    out = run / "eval" / "step00000003-ddim2-eta0-n8-seed0"
+    assert r["eta"] == 1.0 and r["clip_mode"] == "rederive"  # the defaults (eta 1 as the reference evaluates)
+    out = run / "eval" / "step00000003-ddim2-eta1-n8-seed0"
     assert len(list((out / "images").glob("*.png"))) == 8 and (out / "metrics.json").exists()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["eval"] and records[-1]["fid"] == r["fid"] and records[-1]["step"] == 3

@@ -25,8 +25,12 @@ from trainer.masking import MASK_KINDS
 from trainer.models import PRESETS
 from trainer.stream import ORDERS
 
-__all__ = ["ModelConfig", "MaskConfig", "DataConfig", "OptimConfig", "TrainConfig", "ExperimentConfig",
-           "parse_overrides", "batch_arithmetic"]
+__all__ = ["ModelConfig", "MaskConfig", "DataConfig", "OptimConfig", "LossConfig", "TrainConfig",
+           "ExperimentConfig", "parse_overrides", "batch_arithmetic", "DWT_TOKENS", "DECAY_GROUPS", "DWT_WEIGHTINGS"]
+
+DWT_TOKENS = ("joint", "split")
+DECAY_GROUPS = ("matrices", "all")
+DWT_WEIGHTINGS = ("uniform", "bands")
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class ModelConfig:
     image_size: int = 256         # side of the training images in pixels
     patch_size: int = 4
     grad_checkpoint: bool = False
+    # DWT input only. "joint" (ours): one token per 4x4 patch of all 12 bands (1024 tokens at 256 px); "split" (the
+    # reference): cA and the 9 detail bands are two token sets of their own, masked independently (2048 tokens)
+    dwt_tokens: str = "joint"
     overrides: dict = field(default_factory=dict)  # any UViTConfig field, e.g. {dim: 64, depth: [1, 1, 1]}
 
     def __post_init__(self):
@@ -43,6 +50,11 @@ class ModelConfig:
             raise ValueError(f"model.preset {self.preset!r}: choose one of {list(PRESETS)}")
         if self.input not in ("dwt", "pixel"):
             raise ValueError(f"model.input {self.input!r}: choose dwt or pixel")
+        if self.dwt_tokens not in DWT_TOKENS:
+            raise ValueError(f"model.dwt_tokens {self.dwt_tokens!r}: choose one of {DWT_TOKENS}")
+        if self.dwt_tokens == "split" and self.input != "dwt":
+            raise ValueError("model.dwt_tokens: split tokenises the DWT bands in two sets; it needs model.input: "
+                             "dwt (pixel input has one token set: leave dwt_tokens at joint)")
         side = self.model_size
         if self.image_size % 2 or side % self.patch_size:
             raise ValueError(f"model.image_size {self.image_size}: the model input side {side} must be a multiple "
@@ -51,6 +63,19 @@ class ModelConfig:
     @property
     def in_channels(self) -> int:
         return 12 if self.input == "dwt" else 3
+
+    @property
+    def token_sets(self) -> int:
+        """Token sets the masks are drawn for: 2 for split DWT tokens (cA, details), else 1."""
+        return 2 if self.dwt_tokens == "split" else 1
+
+    def build(self, **extra):
+        """The U-ViT of this config (as training, sampling, export and evaluation all build it); `extra`: any
+        further UViTConfig field (e.g. grad_checkpoint=True)."""
+        from trainer.models import build_model
+
+        return build_model(self.preset, self.in_channels, self.model_size, self.patch_size,
+                           split_bands=3 if self.dwt_tokens == "split" else 0, **{**self.overrides, **extra})
 
     @property
     def model_size(self) -> int:
@@ -95,11 +120,28 @@ class OptimConfig:
     betas: tuple[float, ...] = (0.99, 0.99)  # AdamW, as the paper
     weight_decay: float = 0.03
     warmup_steps: int = 0         # linear warm-up, then constant
+    # which parameters weight decay applies to: "matrices" (ours: not biases, norms, q/v biases or the positional
+    # embedding, the usual ViT practice) or "all" (the reference: AdamW's decay on every parameter)
+    decay: str = "matrices"
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         if self.lr <= 0 or len(self.betas) != 2:
             raise ValueError(f"optim: lr must be > 0 and betas two numbers, got lr={self.lr} betas={self.betas}")
+        if self.decay not in DECAY_GROUPS:
+            raise ValueError(f"optim.decay {self.decay!r}: choose one of {DECAY_GROUPS}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # DWT input only: "uniform" (ours) is one mean over the 12 bands of the visible tokens; "bands" (the reference)
+    # is mean(cA) + mean(9 detail bands), so a cA coefficient weighs 3x a detail coefficient (and the loss reads
+    # about twice as large)
+    dwt_weighting: str = "uniform"
+
+    def __post_init__(self):
+        if self.dwt_weighting not in DWT_WEIGHTINGS:
+            raise ValueError(f"loss.dwt_weighting {self.dwt_weighting!r}: choose one of {DWT_WEIGHTINGS}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +152,8 @@ class TrainConfig:
     schedule: str = "cosine"      # beta schedule, T = 1000
     ema_decay: float = 0.999
     ema_warmup: bool = True       # decay 1-(1+k)^(-2/3) capped at ema_decay (trainer/ema.py): short runs' EMA is usable
-    ema_every: int = 1            # update the EMA every N optimiser steps (the reference's L-DWT runs: 10)
+    ema_every: int = 1            # average every N-th applied optimiser step (the reference's L-DWT runs: 10)
+    ema_update_after: int = 0     # warm-up: copy the weights for steps 0..N (ema-pytorch's update_after_step; reference 100)
     seed: int = 0
     log_every: int = 50
     sample_every: int = 5000
@@ -131,10 +174,12 @@ class TrainConfig:
             raise ValueError(f"train.keep_last {self.keep_last}: 0 (keep every checkpoint) or the number to keep")
         if min(self.steps, self.global_batch, self.micro_batch, self.max_nonfinite, self.ema_every) < 1:
             raise ValueError("train.steps, global_batch, micro_batch, max_nonfinite and ema_every must be >= 1")
+        if self.ema_update_after < 0:
+            raise ValueError(f"train.ema_update_after {self.ema_update_after}: must be >= 0")
 
 
 SECTIONS = {"model": ModelConfig, "mask": MaskConfig, "data": DataConfig, "optim": OptimConfig,
-            "train": TrainConfig}
+            "loss": LossConfig, "train": TrainConfig}
 
 
 @dataclass(frozen=True)
@@ -144,7 +189,13 @@ class ExperimentConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.loss.dwt_weighting == "bands" and self.model.input != "dwt":
+            raise ValueError("loss.dwt_weighting: bands weighs the cA and detail bands of DWT input; with model.input:"
+                             " pixel leave it at uniform")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "ExperimentConfig":
@@ -166,7 +217,10 @@ class ExperimentConfig:
             if bad:
                 raise ValueError(f"{where}: unknown keys {sorted(bad)} in '{key}'; allowed: {sorted(hints)}")
             parts[key] = kind(**{k: coerce(v, hints[k], f"{where}: {key}.{k}") for k, v in section.items()})
-        return cls(name=str(d.get("name", "run")), **parts)
+        try:
+            return cls(name=str(d.get("name", "run")), **parts)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "ExperimentConfig":

@@ -18,8 +18,10 @@ Samplers (both step from t to an earlier t_prev, with t_prev = -1 meaning alpha_
         tilde_beta = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev);
         with t_prev < t - 1 this is the respaced chain of Nichol & Dhariwal 2021 (Sec. 4).
     `ddim_step`: DDIM (Song et al. 2021) eq. 12 with sigma_t(eta) of eq. 16; eta = 1 equals `ddpm_step`.
-    Both can clip x0_hat (pixel: [-1, 1]; DWT: cA to [-1, 3], details to [-1, 1]) and then re-derive eps from
-    the clipped x0_hat, as the widely used reference implementations do.
+    Both can clip x0_hat (pixel: [-1, 1]; DWT: cA to [-1, 3], details to [-1, 1]). DDIM then either re-derives eps
+    from the clipped x0_hat (clip mode "rederive", ours and the DDIM/ADM codebases': the step stays consistent with
+    x_t) or keeps the model's raw eps (clip mode "reference": what the MaskDM reference implementation's sampler
+    does for eps prediction). The DDPM posterior uses x0_hat and x_t only, so the mode does not change it.
 """
 from __future__ import annotations
 
@@ -31,14 +33,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trainer.dwt import clip_bands
-from trainer.masking import gather_tokens, patchify
 
 __all__ = ["make_betas", "alphas_cumprod", "posterior_variance", "q_sample", "predict_x0", "eps_from_x0",
-           "msm_loss", "dsm_loss", "ddpm_step", "ddim_step", "ddim_timesteps", "make_clip", "sample",
-           "SCHEDULES", "SAMPLERS"]
+           "band_parts", "msm_loss", "dsm_loss", "ddpm_step", "ddim_step", "ddim_timesteps", "make_clip", "sample",
+           "SCHEDULES", "SAMPLERS", "CLIP_MODES"]
 
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddim", "ddpm")
+CLIP_MODES = ("rederive", "reference")  # after clipping x0_hat, DDIM re-derives eps from it, or keeps the raw eps
 ClipFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -97,17 +99,36 @@ def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, ab_t: float) -> torch.Tenso
 
 # --- losses ----------------------------------------------------------------------------------------------------
 
+def band_parts(x, data_channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cA part, detail part) of a DWT-mode prediction or target in any of the model's layouts: a full image
+    (B, 12, H, W); joint tokens (B, S, p*p*12) (features ordered (p1, p2, C)); split tokens, already a pair."""
+    if isinstance(x, tuple):
+        return x
+    if x.dim() == 4:
+        return x[:, :data_channels], x[:, data_channels:]
+    B, S, P = x.shape
+    cells = x.view(B, S, -1, 4 * data_channels)  # (B, S, p*p, C)
+    return cells[..., :data_channels], cells[..., data_channels:]
+
+
 def msm_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-             visible: torch.Tensor | None = None) -> torch.Tensor:
+             visible: torch.Tensor | None = None, weighting: str = "uniform") -> torch.Tensor:
     """Masked score matching: epsilon-MSE over the visible patches only (all patches when visible is None).
-    The noise is added to the full image before masking; the reduction is in fp32. Returns a scalar."""
+    The noise is added to the full image before masking; the reduction is in fp32. Returns a scalar.
+    `weighting` (config loss.dwt_weighting, DWT input): "uniform", one mean over every predicted value; "bands",
+    mean over the cA values + mean over the detail values (the reference's DWT loss)."""
     x_t = q_sample(x0, t, noise, alphas_cumprod)
     if visible is not None:
         visible = visible.to(x0.device)
     pred = model(x_t, t, visible=visible)
-    if visible is None:
-        return F.mse_loss(pred.float(), noise.float())
-    target = gather_tokens(patchify(noise, model.cfg.patch_size), visible)  # (B, S, p*p*C)
+    target = noise if visible is None else model.token_targets(noise, visible)  # (B, S, p*p*C) or a pair
+    if weighting == "bands":
+        return sum(F.mse_loss(p.float(), q.float()) for p, q in zip(band_parts(pred), band_parts(target)))
+    if weighting != "uniform":
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose uniform or bands")
+    if isinstance(pred, tuple):  # split tokens: one mean over both sets' values
+        return (sum((p.float() - q.float()).square().sum() for p, q in zip(pred, target))
+                / sum(p.numel() for p in pred))
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -156,7 +177,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, alphas_cumprod: torc
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas_cumprod: torch.Tensor,
               eta: float = 0.0, generator: Generators = None, clip: ClipFn | None = None,
-              noise: torch.Tensor | None = None) -> torch.Tensor:
+              noise: torch.Tensor | None = None, clip_mode: str = "rederive") -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (DDIM eq. 12):
         x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps + sigma z,
         sigma = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)      (eq. 16)."""
@@ -164,7 +185,10 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, alphas_
     x0 = predict_x0(x_t, eps, ab_t)
     if clip is not None:
         x0 = clip(x0)
-        eps = eps_from_x0(x_t, x0, ab_t)
+        if clip_mode == "rederive":
+            eps = eps_from_x0(x_t, x0, ab_t)
+        elif clip_mode != "reference":
+            raise ValueError(f"unknown clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
     sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
     x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
     if sigma > 0:
@@ -195,12 +219,14 @@ def make_clip(mode: str | None, data_channels: int = 3) -> ClipFn | None:
 def sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
            alphas_cumprod: torch.Tensor, *, sampler: str = "ddim", steps: int = 250, eta: float = 0.0,
            clip: ClipFn | None = None, generator: Generators = None,
-           device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+           device: torch.device | str = "cpu", progress: bool = False, clip_mode: str = "rederive") -> torch.Tensor:
     """Draw x_T ~ N(0, I) and denoise with `steps` sampler steps; eps_fn(x_t, t (B,) long) -> eps.
     sampler "ddpm" is ancestral sampling (respaced when steps < T); "ddim" uses `eta` (0: deterministic).
-    `generator`: one for the batch, or one per image (see `_randn`)."""
+    `generator`: one for the batch, or one per image (see `_randn`). `clip_mode`: see CLIP_MODES (DDIM only)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"unknown clip mode {clip_mode!r}; choose one of {CLIP_MODES}")
     T = len(alphas_cumprod)
     ts = ddim_timesteps(T, steps)
     x = _randn(torch.empty(shape, device=device), generator)
@@ -210,5 +236,5 @@ def sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: 
         if sampler == "ddpm":
             x = ddpm_step(x, eps, t, alphas_cumprod, generator, clip, t_prev=t_prev)
         else:
-            x = ddim_step(x, eps, t, t_prev, alphas_cumprod, eta, generator, clip)
+            x = ddim_step(x, eps, t, t_prev, alphas_cumprod, eta, generator, clip, clip_mode=clip_mode)
     return x

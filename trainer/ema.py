@@ -7,13 +7,17 @@ module in half precision; the EMA must not be), correct under ZeRO-3.
     if engine.was_step_applied():     # an fp16 overflow skips the optimiser step: the EMA must skip it too
         ema.update(engine.module)
 
-Warm-up (`warmup=True`, `train.ema_warmup`, on by default in training): the k-th update (k = 0, 1, ...) uses
-decay min(decay, 1 - (1 + k)^(-2/3)), the schedule of the widely used ema-pytorch package (inv_gamma 1, power 2/3):
-the first update copies the weights, then the horizon grows with the run (decay 0.8 after 10 updates, 0.95 after
-100, 0.99 after 1000) until it reaches the configured rate. Without it a short run's EMA is still largely the
-initial weights (0.999 from step 0 keeps 61% of them after 500 steps). `every` (`train.ema_every`) is applied by
-the caller (the loop updates every N applied optimiser steps); the update count is in the state, so a resumed run
-continues the same schedule exactly.
+Warm-up (`warmup=True`, `train.ema_warmup`, on by default in training) and cadence (`every`, `after`:
+`train.ema_every`, `train.ema_update_after`) follow the widely used ema-pytorch package (inv_gamma 1, power 2/3,
+min_value 0), which the reference implementation uses. Call k = 0, 1, ... (one call per applied optimiser step):
+    k % every != 0            -> no change (the reference's L-DWT runs: every 10 steps)
+    k <= after                -> copy the weights (ema-pytorch's update_after_step; the reference: 100)
+    otherwise                 -> decay min(decay, 1 - (1 + k - after)^(-2/3))
+With after = 0 and every = 1 (our defaults) the first update copies the weights, then the horizon grows with the run
+(decay 0.8 after 10 updates, 0.95 after 100, 0.99 after 1000) until it reaches the configured rate. Without the
+warm-up every averaging step uses the configured rate from the first one (0.999 from step 0 keeps 61% of the initial
+weights after 500 steps); `every` still applies. The call count is in the state, so a resumed run continues the
+same schedule exactly.
 
 Under ZeRO-3 each rank holds a slice of every parameter; `gathered(module)` assembles the full tensors for the
 update (every rank keeps the full fp32 EMA: 4 bytes per parameter, 0.9 GB for L). Outside ZeRO-3 it is a no-op.
@@ -48,27 +52,38 @@ WARMUP_POWER = 2 / 3  # ema-pytorch's default for long runs (its docs: 2/3 for ~
 
 
 class EMA:
-    def __init__(self, module: torch.nn.Module, decay: float = 0.999, warmup: bool = False):
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999, warmup: bool = False, every: int = 1,
+                 after: int = 0):
         if not 0 <= decay < 1:
             raise ValueError(f"EMA decay {decay} must be in [0, 1)")
-        self.decay, self.warmup, self.updates = decay, warmup, 0
+        if every < 1 or after < 0:
+            raise ValueError(f"EMA every {every} must be >= 1 and after {after} >= 0")
+        self.decay, self.warmup, self.every, self.after, self.updates = decay, warmup, every, after, 0
         with gathered(module):
             self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
 
-    def current_decay(self) -> float:
-        """The decay the next update uses (the warm-up schedule's value, capped at `decay`)."""
+    def current_decay(self, k: int | None = None) -> float:
+        """The decay of call k (default: the next call), whether or not that call averages (see the docstring)."""
+        k = self.updates if k is None else k
         if not self.warmup:
             return self.decay
-        return min(self.decay, 1.0 - (1.0 + self.updates) ** -WARMUP_POWER)
+        if k <= self.after:
+            return 0.0
+        return min(self.decay, 1.0 - (1.0 + k - self.after) ** -WARMUP_POWER)
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        """shadow <- d * shadow + (1 - d) * weights, in fp32, with d = `current_decay()`."""
-        d = self.current_decay()
+    def update(self, module: torch.nn.Module) -> bool:
+        """One call per applied optimiser step: shadow <- d * shadow + (1 - d) * weights, in fp32, with
+        d = `current_decay()`, on every `every`-th call. Returns whether the shadow was updated."""
+        k = self.updates
+        self.updates += 1
+        if k % self.every:
+            return False
+        d = self.current_decay(k)
         with gathered(module):
             for name, p in module.named_parameters():
                 self.shadow[name].lerp_(p.detach().float(), 1.0 - d)
-        self.updates += 1
+        return True
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
@@ -78,7 +93,8 @@ class EMA:
                 p.copy_(self.shadow[name].to(p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates,
+        return {"decay": self.decay, "warmup": self.warmup, "every": self.every, "after": self.after,
+                "updates": self.updates,
                 "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:

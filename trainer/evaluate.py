@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.credentials import credentials_guard
+from trainer.diffusion import CLIP_MODES
 from trainer.sample import DTYPES, distributed_context, sample_to_folder
 
 __all__ = ["image_source", "ImageSource", "reference_features", "compute_metrics", "plot_runs", "main"]
@@ -329,7 +330,8 @@ def plot_runs(runs: list[str], out: str | Path, metrics=("fid",)) -> Path:
 # --- CLI -------------------------------------------------------------------------------------------------------------
 
 def _default_out(ckpt: str, meta: dict, args) -> Path:
-    name = f"step{meta.get('step') or 0:08d}-{args.sampler}{args.steps}-eta{args.eta:g}-n{args.n}-seed{args.seed}"
+    clip = "" if args.clip_mode == "rederive" else f"-clip{args.clip_mode}"
+    name = f"step{meta.get('step') or 0:08d}-{args.sampler}{args.steps}-eta{args.eta:g}{clip}-n{args.n}-seed{args.seed}"
     if "://" not in ckpt and meta.get("kind") == "deepspeed":
         run = Path(meta["checkpoint"]).parent.parent
         return run / "eval" / name
@@ -352,7 +354,9 @@ def main(argv=None) -> None:
     p.add_argument("--metrics", default="fid,kid,swd", help="comma-separated: fid, kid, swd")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1, as the reference evaluates)")
+    p.add_argument("--clip-mode", default="rederive", choices=CLIP_MODES,
+                   help="DDIM after clipping x0: rederive eps (default) or keep the raw eps (reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=64, help="images per forward pass (sampling and features)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="sampling autocast dtype on GPUs")
@@ -377,7 +381,7 @@ def main(argv=None) -> None:
         out = Path(args.out) if args.out else _default_out(args.ckpt, meta, args)
         sample_to_folder(model, cfg, out, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
                          eta=args.eta, batch=args.batch, dtype=DTYPES[args.dtype], rank=rank, world=world,
-                         progress=rank == 0)
+                         progress=rank == 0, clip_mode=args.clip_mode)
         del model
         if world > 1:
             import torch.distributed as dist
@@ -387,7 +391,7 @@ def main(argv=None) -> None:
             return
         fake = image_source(str(out / "images"))
         extra = {"ckpt": args.ckpt, "step": meta.get("step"), "sampler": args.sampler, "steps": args.steps,
-                 "eta": args.eta, "seed": args.seed}
+                 "eta": args.eta, "clip_mode": args.clip_mode, "seed": args.seed}
         if meta.get("kind") == "deepspeed" and not args.no_record:
             record_path = Path(meta["checkpoint"]).parent.parent / "metrics.jsonl"
     else:

@@ -84,11 +84,10 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 def architecture(cfg, state: dict[str, torch.Tensor]) -> dict:
     """The U-ViT of the config (built on the meta device: no memory, no init cost) checked against the weights."""
-    from trainer.models import build_model
 
     m = cfg.model
     with torch.device("meta"):
-        model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, **m.overrides)
+        model = m.build()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in state.items()}, "the EMA does not match the config's model"
     u = model.cfg

@@ -4,8 +4,10 @@
         --config configs/celebahq_finetune_10pct_S.yaml --deepspeed_config ds_configs/zero2_fp16.json \
         --run-dir runs/ft10 [--resume auto] [--until-step N]
 
-`--init` takes a DeepSpeed run (its EMA weights), an exported .safetensors (local or s3://...) or a published
-model prefix (`python -m trainer.export ... --publish URL`; its sha256 is verified). The missing and
+`--init` takes a DeepSpeed run, an exported .safetensors (local or s3://...) or a published model prefix
+(`python -m trainer.export ... --publish URL`; its sha256 is verified). `--init-weights online|ema` chooses the
+run's online weights (the default for a run: the reference fine-tunes from them) or its EMA; an exported or
+published model holds the EMA only (the default there; asking it for online weights is an error). The missing and
 unexpected keys are reported; a shape mismatch stops with the names. Once the run has its own checkpoints,
 running the same command resumes it (the --init weights are then not read again).
 """
@@ -19,6 +21,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.pretrain import dry_run, load, parse  # noqa: E402
+from trainer.weights import WEIGHTS  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -26,9 +29,14 @@ def main(argv=None) -> None:
 
     from trainer.data import check_sources
     from trainer.loop import training_loop
-    from trainer.weights import apply_pretrained, load_pretrained
+    from trainer.weights import apply_pretrained, is_training_run, load_pretrained
 
-    args = parse(argv, description=__doc__, extra=[("--init", dict(required=True, help="pre-trained weights"))])
+    args = parse(argv, description=__doc__, extra=[
+        ("--init", dict(required=True, help="pre-trained weights")),
+        ("--init-weights", dict(choices=WEIGHTS, help="which weights of --init: online (the optimised weights, as the "
+                                "reference fine-tunes; only a training run holds them) or ema (the averaged weights; "
+                                "all an exported or published model holds). Default: online for a training run, "
+                                "ema for an exported model"))])
     cfg, ds = load(args)
     if args.dry_run:
         return dry_run(args, cfg, ds)
@@ -37,11 +45,13 @@ def main(argv=None) -> None:
                          f"(it is {cfg.mask.rate})")
     check_sources(cfg.data.sources)  # before the run directory exists
 
+    which = args.init_weights or ("online" if is_training_run(args.init) else "ema")
+
     def init(model):
-        missing, unexpected = apply_pretrained(model, load_pretrained(args.init))
+        missing, unexpected = apply_pretrained(model, load_pretrained(args.init, which))
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(json.dumps({"init": args.init, "missing_keys": missing, "unexpected_keys": unexpected}),
-                  flush=True)
+            print(json.dumps({"init": args.init, "init_weights": which, "missing_keys": missing,
+                              "unexpected_keys": unexpected}), flush=True)
 
     resuming = args.resume != "none" and (Path(args.run_dir) / "checkpoints" / "latest").exists()
     training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step,

@@ -37,19 +37,23 @@ from trainer.data import to_model_input
 from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
 from trainer.ema import EMA
 from trainer.masking import visible_indices
-from trainer.models import build_model
 from trainer.stream import ShardStream, StreamConfig, StreamPosition
 
 __all__ = ["training_loop", "param_groups"]
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices, none on biases, norms, q/v biases and the positional embedding."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
+    """AdamW groups (config optim.decay). "matrices": decay on weight matrices, none on biases, norms, q/v biases
+    and the positional embedding; "all": decay on every parameter (the reference: AdamW over model.parameters())."""
+    if decay == "all":
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    if decay != "matrices":
+        raise ValueError(f"optim.decay {decay!r}: choose matrices or all")
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    matrices, rest = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or name in skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (rest if p.ndim < 2 or name in skip else matrices).append(p)
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0, device="cpu") -> Path:
@@ -60,7 +64,7 @@ def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0, devi
     from trainer.images import save_grid, to_rgb_uint8
 
     m = cfg.model
-    model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, **m.overrides).eval()
+    model = m.build().eval()
     ema.copy_to(model)
     model.to(device)
     x = sample(model, (cfg.train.sample_n, m.in_channels, m.model_size, m.model_size),
@@ -146,17 +150,17 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     # --- model, optimiser, engine, EMA ----------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     m = cfg.model
-    model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, grad_checkpoint=m.grad_checkpoint,
-                        **m.overrides)
+    model = m.build(grad_checkpoint=m.grad_checkpoint)
     if init_model is not None:
         init_model(model)  # fine-tuning: load pre-trained weights before the engine takes the model
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas)
     warmup = max(1, cfg.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds)
-    ema = EMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
+    ema = EMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup, every=cfg.train.ema_every,
+              after=cfg.train.ema_update_after)
     ab = alphas_cumprod(make_betas(cfg.train.schedule))
     device = torch.device(get_accelerator().device_name(engine.local_rank))
     dtype = next(engine.module.parameters()).dtype
@@ -223,9 +227,9 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             B = x0.shape[0]
             t = torch.randint(0, len(ab), (B,), generator=gen)
             noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
-            visible = (visible_indices(mask.kind, grid, mask.rate, B, mask.block, gen) if mask.rate > 0
-                       else None)                                       # mask: (B, S) visible tokens
-            loss = msm_loss(engine, x0, t.to(device), noise, ab, visible)
+            visible = (visible_indices(mask.kind, grid, mask.rate, B, mask.block, gen, sets=m.token_sets)
+                       if mask.rate > 0 else None)                      # mask: (B, S) visible tokens
+            loss = msm_loss(engine, x0, t.to(device), noise, ab, visible, cfg.loss.dwt_weighting)
             if step in inject and rank == 0 and micro == 0:            # fault injection (tests)
                 loss = loss * float("inf")
             flags = torch.stack([(~torch.isfinite(loss.detach())).float(),   # agreed by all ranks: one sync
@@ -248,8 +252,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             if bad_step:  # cannot happen with DeepSpeed's overflow check; never train on a non-finite loss
                 save(f"nonfinite-step{step:08d}")
                 raise SystemExit(f"step {step} was applied despite a non-finite loss; checkpoint saved")
-            if step % cfg.train.ema_every == 0:
-                ema.update(engine.module)
+            ema.update(engine.module)  # averages on every train.ema_every-th call (trainer/ema.py)
         else:
             skipped += 1
         nonfinite = nonfinite + 1 if bad_step else 0

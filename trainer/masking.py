@@ -71,8 +71,14 @@ def _choose(batch_size: int, n: int, k: int, generator, device) -> torch.Tensor:
 
 
 def visible_indices(kind: str, grid, rate: float, batch_size: int, block: int = 4,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Visible token indices (B, S), sorted, int64, on the generator's device (CPU without a generator)."""
+                    generator: torch.Generator | None = None, sets: int = 1) -> torch.Tensor:
+    """Visible token indices (B, S), sorted, int64, on the generator's device (CPU without a generator).
+    `sets` > 1 (split DWT tokens): one mask per token set of the same grid, drawn independently at the same
+    settings, set k's indices offset by k * h * w: (B, sets * S), still sorted (set 0's indices first)."""
+    if sets > 1:
+        n = math.prod(_grid(grid))
+        return torch.cat([visible_indices(kind, grid, rate, batch_size, block, generator) + k * n
+                          for k in range(sets)], dim=1)
     S = num_visible(kind, grid, rate, block)
     h, w = _grid(grid)
     device = generator.device if generator is not None else torch.device("cpu")

@@ -1,7 +1,7 @@
 """Sample images from a trained model's EMA weights:
 
     python -m trainer.sample --ckpt RUN_DIR_OR_SAFETENSORS_OR_URL --n 64 --steps 250 --sampler ddim --eta 1.0 \
-        --seed 0 [--out samples/run1]     # default --out: samples/<checkpoint name>-step<N>
+        --seed 0 [--clip-mode rederive|reference] [--out samples/run1]  # default --out: samples/<name>-step<N>
     torchrun --nproc_per_node 8 -m trainer.sample --ckpt ... --num-images 10000 --out samples/fid10k  # 8 GPUs
     deepspeed --num_gpus 8 trainer/sample.py --ckpt ... --num-images 10000 --out samples/fid10k       # the same
 
@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from trainer.diffusion import SAMPLERS, alphas_cumprod, make_betas, make_clip, sample  # noqa: E402
+from trainer.diffusion import CLIP_MODES, SAMPLERS, alphas_cumprod, make_betas, make_clip, sample  # noqa: E402
 from trainer.images import save_grid, to_rgb_uint8  # noqa: E402
 
 __all__ = ["image_generators", "generate", "sample_to_folder", "distributed_context", "default_out"]
@@ -43,7 +43,7 @@ def image_generators(seed: int, indices, device: str = "cpu") -> list[torch.Gene
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, cfg, indices, *, seed: int = 0, steps: int = 250, sampler: str = "ddim",
-             eta: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             eta: float = 1.0, dtype: torch.dtype = torch.float32, clip_mode: str = "rederive") -> torch.Tensor:
     """(len(indices), H, W, 3) uint8 RGB images number `indices` of the stream fixed by `seed`."""
     m = cfg.model
     device = next(model.parameters()).device
@@ -55,7 +55,7 @@ def generate(model: torch.nn.Module, cfg, indices, *, seed: int = 0, steps: int 
 
     x = sample(eps_fn, (len(indices), m.in_channels, m.model_size, m.model_size), ab, sampler=sampler,
                steps=steps, eta=eta, clip=make_clip(m.input), generator=image_generators(seed, indices),
-               device=device)
+               device=device, clip_mode=clip_mode)
     return to_rgb_uint8(x, m.input)
 
 
@@ -92,12 +92,12 @@ def default_out(ckpt: str, meta: dict) -> Path:
 
 def _settings(args, meta: dict) -> dict:
     return {"ckpt": args.ckpt, "model_step": meta.get("step"), "n": args.n, "steps": args.steps,
-            "sampler": args.sampler, "eta": args.eta, "seed": args.seed}
+            "sampler": args.sampler, "eta": args.eta, "clip_mode": args.clip_mode, "seed": args.seed}
 
 
 def sample_to_folder(model, cfg, out: str | Path, *, n: int, seed: int = 0, steps: int = 250,
-                     sampler: str = "ddim", eta: float = 0.0, batch: int = 16, dtype: torch.dtype = torch.float32,
-                     rank: int = 0, world: int = 1, progress: bool = True) -> list[Path]:
+                     sampler: str = "ddim", eta: float = 1.0, batch: int = 16, dtype: torch.dtype = torch.float32,
+                     rank: int = 0, world: int = 1, progress: bool = True, clip_mode: str = "rederive") -> list[Path]:
     """Images 0..n-1 as OUT/images/NNNNNN.png; this rank draws its slice, skipping files that exist.
     Returns the paths of this rank's images."""
     folder = Path(out) / "images"
@@ -111,7 +111,8 @@ def sample_to_folder(model, cfg, out: str | Path, *, n: int, seed: int = 0, step
                disable=not progress, dynamic_ncols=True)
     for start in range(0, len(todo), batch):
         chunk = todo[start:start + batch]
-        images = generate(model, cfg, chunk, seed=seed, steps=steps, sampler=sampler, eta=eta, dtype=dtype)
+        images = generate(model, cfg, chunk, seed=seed, steps=steps, sampler=sampler, eta=eta, dtype=dtype,
+                          clip_mode=clip_mode)
         for i, img in zip(chunk, images.numpy()):
             tmp = folder / f".{i:06d}.png.tmp"
             Image.fromarray(img).save(tmp, format="PNG")
@@ -129,7 +130,11 @@ def main(argv=None) -> None:
                         "--n for an abbreviation of their own flags)")
     p.add_argument("--steps", type=int, default=250, help="sampler steps (1..1000)")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; 1: DDPM-like)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (1, the default: DDPM-like, as the reference "
+                   "evaluates; 0: deterministic)")
+    p.add_argument("--clip-mode", default="rederive", choices=CLIP_MODES,
+                   help="DDIM after clipping x0: rederive eps from the clipped x0 (default, ours) or keep the model's "
+                        "raw eps (reference: the MaskDM reference implementation's sampler)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: samples/<checkpoint name>-step<N>)")
     p.add_argument("--batch", type=int, default=16, help="images per forward pass, per GPU")
@@ -147,7 +152,8 @@ def main(argv=None) -> None:
         print(f"sampling {args.n} images from {args.ckpt} (step {meta.get('step')}) into {out}", flush=True)
     settings = _settings(args, meta)
     record = out / "sample.json"
-    if record.exists() and {k: v for k, v in json.loads(record.read_text()).items() if k in settings} != settings:
+    old = {"clip_mode": "rederive", **json.loads(record.read_text())} if record.exists() else None  # older records
+    if old is not None and {k: v for k, v in old.items() if k in settings} != settings:
         raise SystemExit(f"error: --out {out} holds samples made with other settings ({record}): "
                          f"choose another --out or delete it")
     if rank == 0:
@@ -156,7 +162,7 @@ def main(argv=None) -> None:
                                      indent=1))
     sample_to_folder(model, cfg, out, n=args.n, seed=args.seed, steps=args.steps, sampler=args.sampler,
                      eta=args.eta, batch=args.batch, dtype=DTYPES[args.dtype], rank=rank, world=world,
-                     progress=rank == 0)
+                     progress=rank == 0, clip_mode=args.clip_mode)
     if world > 1:
         import torch.distributed as dist
 

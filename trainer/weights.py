@@ -2,7 +2,8 @@
 
 Sources (never unpickling code: safetensors, or `torch.load(weights_only=True)`):
 - a DeepSpeed run directory, its `checkpoints/` folder or one tag folder: the EMA weights from the client state
-  of rank 0's model-states file (the weights the paper samples from and publishes), with the run's config;
+  of rank 0's model-states file (the weights the paper samples from and publishes), with the run's config; or its
+  online weights (`weights="online"`: what the reference fine-tunes from), consolidated by DeepSpeed's zero_to_fp32;
 - a `.safetensors` file, local or any fsspec URL (`s3://...`): an exported model (`python -m trainer.export`),
   checked against `NAME.safetensors.sha256` when that file sits beside it;
 - a published model: a folder or URL prefix holding `index.json` (`trainer.export --publish`): the weights it
@@ -26,7 +27,8 @@ import torch
 from pipeline.credentials import credentials_guard
 from trainer.checkpoints import latest_tag
 
-__all__ = ["load_pretrained", "apply_pretrained", "load_model", "read_weights", "read_deepspeed",
+__all__ = ["load_pretrained", "apply_pretrained", "load_model", "read_weights", "read_deepspeed", "online_weights",
+           "is_training_run", "WEIGHTS",
            "decode_metadata", "header_metadata", "sha256_file", "FORMAT_VERSION", "INDEX", "MODEL_STATES"]
 
 FORMAT_VERSION = 1            # of the exported metadata and the published index.json
@@ -72,14 +74,39 @@ def read_deepspeed(source: str | Path, tag: str | None = None) -> tuple[dict, Pa
     return client, states
 
 
-def _deepspeed_weights(source: str, tag: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+def online_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The online (optimised, not EMA) fp32 weights of one DeepSpeed checkpoint tag folder, any ZeRO stage and
+    precision: DeepSpeed's own consolidation (`zero_to_fp32`) of the fp32 master weights from every rank's optimiser
+    shard. It unpickles the checkpoint files as resuming the run does, so only read checkpoints you trust."""
+    import contextlib
+    import logging
+
+    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    level = ds_logger.level
+    ds_logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its per-tensor progress prints
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {tag_dir}: cannot read its online weights ({e}); the optimiser state files "
+                         f"must be there (a complete checkpoint), or use the EMA weights (--init-weights ema)") from None
+    finally:
+        ds_logger.setLevel(level)
+    return {k: v.float() for k, v in state.items()}
+
+
+def _deepspeed_weights(source: str, tag: str | None, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
     client, states = read_deepspeed(source, tag)
     meta = {"source": source, "kind": "deepspeed", "checkpoint": str(states.parent), "tag": states.parent.name,
-            "dtype": "float32", "step": client.get("step"), "ema_decay": client["ema"].get("decay")}
+            "dtype": "float32", "step": client.get("step"), "ema_decay": client["ema"].get("decay"), "weights": which}
     if "config" in client:
         meta["config"] = client["config"]
         if meta["step"] is not None:
             meta["images"] = meta["step"] * client["config"]["train"]["global_batch"]
+    if which == "online":
+        return online_weights(states.parent), meta
     return dict(client["ema"]["shadow"]), meta
 
 
@@ -159,16 +186,28 @@ def _published_weights(source: str) -> tuple[dict[str, torch.Tensor], dict] | No
     return load_safetensors(data), meta
 
 
-def read_weights(source: str, tag: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+WEIGHTS = ("ema", "online")
+
+
+def read_weights(source: str, tag: str | None = None, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
     """({name: tensor as stored}, metadata) from any source listed in the module docstring. The metadata holds
     at least source and kind ("deepspeed", "safetensors", "published"), and for maskdm weights the config
-    (`ExperimentConfig.to_dict()`), step and images."""
+    (`ExperimentConfig.to_dict()`), step and images. `weights`: "ema" (every source), or "online" (the optimised
+    weights, which only a DeepSpeed checkpoint holds: an exported or published file holds the EMA only)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}: choose one of {WEIGHTS}")
     source = str(source)
     with credentials_guard(source):  # a bucket refusing the credentials: the bucket and what to set, no traceback
-        return _read_weights(source, tag)
+        state, meta = _read_weights(source, tag, weights)
+    if weights == "online" and meta["kind"] != "deepspeed":
+        raise SystemExit(f"error: {source}: an exported model holds only the EMA weights (trainer.export writes the "
+                         f"EMA), not the online ones; give the training run directory for those, or use the EMA "
+                         f"(finetune.py --init-weights ema)")
+    meta.setdefault("weights", "ema")
+    return state, meta
 
 
-def _read_weights(source: str, tag: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+def _read_weights(source: str, tag: str | None, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
     if source.endswith(".safetensors"):
         return _safetensors_weights(source)
     if source.rstrip("/").endswith("/" + INDEX):
@@ -180,15 +219,23 @@ def _read_weights(source: str, tag: str | None) -> tuple[dict[str, torch.Tensor]
         if "://" in source:
             raise SystemExit(f"error: {source}: no {INDEX} there, so not a published model (or its publishing has "
                              f"not finished: {INDEX} is uploaded last). A single file needs its .safetensors URL")
-    return _deepspeed_weights(source, tag)
+    return _deepspeed_weights(source, tag, weights)
+
+
+def is_training_run(source: str) -> bool:
+    """Whether `source` is a local DeepSpeed run / checkpoints / tag folder (so it holds the online weights too)."""
+    source = str(source)
+    if "://" in source or source.endswith(".safetensors") or not Path(source).is_dir():
+        return False
+    return not (Path(source) / INDEX).is_file() and _model_states(Path(source), None) is not None
 
 
 # --- what the CLIs call ------------------------------------------------------------------------------------------
 
-def load_pretrained(source: str) -> dict[str, torch.Tensor]:
-    """{parameter name: fp32 tensor} from a DeepSpeed checkpoint (EMA weights), a safetensors file/URL or a
-    published model."""
-    state, _ = read_weights(source)
+def load_pretrained(source: str, weights: str = "ema") -> dict[str, torch.Tensor]:
+    """{parameter name: fp32 tensor} from a DeepSpeed checkpoint (its EMA or, `weights="online"`, its online
+    weights), a safetensors file/URL or a published model (EMA only)."""
+    state, _ = read_weights(source, weights=weights)
     return {k: v.float() for k, v in state.items()}
 
 
@@ -198,7 +245,6 @@ def load_model(source: str, device: torch.device | str = "cpu"):
     exported in fp16 are widened); every parameter must be present. The metadata: step, images, source, kind,
     dtype, params, and what the export recorded (metrics, data, ...)."""
     from trainer.config import ExperimentConfig
-    from trainer.models import build_model
 
     state, meta = read_weights(source)
     if "config" not in meta:
@@ -211,7 +257,7 @@ def load_model(source: str, device: torch.device | str = "cpu"):
     except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     m = cfg.model
-    model = build_model(m.preset, m.in_channels, m.model_size, m.patch_size, **m.overrides)
+    model = m.build()
     missing, unexpected = apply_pretrained(model, {k: v.float() for k, v in state.items()})
     if missing or unexpected:
         raise SystemExit(f"error: {source}: the weights do not match the model of its own config: missing "

@@ -47,6 +47,10 @@ class UViTConfig:
     qv_bias: bool = False            # learnable q and v biases in attention (k has none), as the reference's L
     mlp_time_embed: bool = False     # Linear-SiLU-Linear on the sinusoidal time embedding (U-ViT option, off)
     grad_checkpoint: bool = False    # activation checkpointing per block (training only)
+    # 0: one token per patch of all channels ("joint"). c > 0: two token sets ("split", the reference's DWT
+    # tokenisation): channels [0, c) (cA) and [c, C) (the detail bands), each patchified on the same grid with its own
+    # embedding and head and a positional embedding of its own; 2 x grid tokens in all (see UViT.forward)
+    split_bands: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "depth", tuple(int(d) for d in self.depth))
@@ -58,19 +62,39 @@ class UViTConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not 0 <= self.split_bands < self.in_channels:
+            raise ValueError(f"split_bands {self.split_bands}: 0 (one token set) or the channel count of the first "
+                             f"set, below in_channels {self.in_channels}")
 
     @property
     def grid(self) -> tuple[int, int]:
+        """The token grid of one token set (masks are drawn per set on it)."""
         g = self.image_size // self.patch_size
         return (g, g)
 
     @property
-    def num_tokens(self) -> int:
+    def token_sets(self) -> int:
+        return 2 if self.split_bands else 1
+
+    @property
+    def cells(self) -> int:
+        """Grid cells: the tokens of one set."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_tokens(self) -> int:
+        """Image tokens in all (both sets when split)."""
+        return self.cells * self.token_sets
+
+    @property
     def patch_dim(self) -> int:
+        """Values per grid cell (all channels: both sets' tokens of one cell together)."""
         return self.patch_size * self.patch_size * self.in_channels
+
+    @property
+    def set_channels(self) -> tuple[int, ...]:
+        """Channels of each token set: (C,) joint, (c, C - c) split."""
+        return (self.split_bands, self.in_channels - self.split_bands) if self.split_bands else (self.in_channels,)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,7 +171,11 @@ class UViT(nn.Module):
         self.cfg = cfg
         D = cfg.dim
         n_in, n_mid, n_out = cfg.depth
-        self.patch_embed = nn.Linear(cfg.patch_dim, D)  # == Conv2d(C, D, p, stride=p) on patchified input
+        pp = cfg.patch_size ** 2
+        first, *rest = cfg.set_channels
+        self.patch_embed = nn.Linear(pp * first, D)  # == Conv2d(C, D, p, stride=p) on patchified input
+        # split: the detail bands' own embedding and head (the reference's second token set)
+        self.detail_embed = nn.Linear(pp * rest[0], D) if rest else None
         self.time_embed = (nn.Sequential(nn.Linear(D, 4 * D), nn.SiLU(), nn.Linear(4 * D, D))
                            if cfg.mlp_time_embed else nn.Identity())
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_tokens, D))  # [time, patches]
@@ -156,7 +184,8 @@ class UViT(nn.Module):
         self.mid_blocks = nn.ModuleList(blk() for _ in range(n_mid))
         self.out_blocks = nn.ModuleList(blk(skip=True) for _ in range(n_out))
         self.norm = LayerNorm32(D)
-        self.head = nn.Linear(D, cfg.patch_dim)
+        self.head = nn.Linear(D, pp * first)
+        self.detail_head = nn.Linear(D, pp * rest[0]) if rest else None
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.apply(self._init_weights)
 
@@ -178,20 +207,35 @@ class UViT(nn.Module):
             return checkpoint(block, x, skip, use_reentrant=False)
         return block(x, skip)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, visible: torch.Tensor | None = None):
         """x: (B, C, H, W) noisy input x_t; t: (B,) integer steps (or a scalar); visible: (B, S) sorted token
-        indices or None. Returns eps predictions: (B, S, p*p*C) patch tokens if `visible` is given (layout of
-        `trainer.masking.patchify`), else the full image (B, C, H, W)."""
+        indices or None. Returns eps predictions: the full image (B, C, H, W) if `visible` is None, else per-token
+        predictions for the visible tokens (layout of `trainer.masking.patchify`): (B, S, p*p*C) for one token set;
+        for split tokens the pair ((B, S/2, p*p*c) cA, (B, S/2, p*p*(C-c)) details), where `visible` holds S/2
+        indices of each set: cA tokens are 0..cells-1, detail tokens cells..2*cells-1 (`visible_indices(...,
+        sets=2)` draws them so; sorted, the first half is then the cA set's)."""
         cfg = self.cfg
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        tokens = patchify(x.to(self.pos_embed.dtype), cfg.patch_size)  # (B, N, P) in the module's dtype
+        x = x.to(self.pos_embed.dtype)  # the module's dtype
         pos = self.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
         if visible is not None:
             visible = visible.to(x.device)
-            tokens = gather_tokens(tokens, visible)  # (B, S, P)
-            pos = gather_tokens(pos, visible)  # (B, S, D)
-        h = self.patch_embed(tokens) + pos  # (B, S, D)
+        if self.detail_embed is None:
+            tokens = patchify(x, cfg.patch_size)  # (B, N, P)
+            if visible is not None:
+                tokens, pos = gather_tokens(tokens, visible), gather_tokens(pos, visible)  # (B, S, .)
+            h = self.patch_embed(tokens) + pos  # (B, S, D)
+        else:
+            c, n = cfg.split_bands, cfg.cells
+            ca, detail = patchify(x[:, :c], cfg.patch_size), patchify(x[:, c:], cfg.patch_size)  # (B, n, .) each
+            pos_ca, pos_detail = pos[:, :n], pos[:, n:]
+            if visible is not None:
+                half = visible.shape[1] // 2
+                v_ca, v_detail = visible[:, :half], visible[:, half:] - n
+                ca, pos_ca = gather_tokens(ca, v_ca), gather_tokens(pos_ca, v_ca)
+                detail, pos_detail = gather_tokens(detail, v_detail), gather_tokens(pos_detail, v_detail)
+            h = torch.cat([self.patch_embed(ca) + pos_ca, self.detail_embed(detail) + pos_detail], dim=1)
         time = self.time_embed(timestep_embedding(t, cfg.dim).to(h.dtype)).unsqueeze(1)  # (B, 1, D)
         h = torch.cat([time + self.pos_embed[:, :1], h], dim=1)  # (B, 1+S, D)
 
@@ -204,10 +248,26 @@ class UViT(nn.Module):
         for block in self.out_blocks:
             h = self._run(block, h, skips.pop())
 
-        out = self.head(self.norm(h[:, 1:]))  # (B, S, P): drop the time token
-        if visible is None:
-            return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.grid)  # (B, C, H, W)
-        return out
+        h = self.norm(h[:, 1:])  # drop the time token
+        if self.detail_head is None:
+            out = self.head(h)  # (B, S, P)
+            return out if visible is not None else unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.grid)
+        half = h.shape[1] // 2
+        ca, detail = self.head(h[:, :half]), self.detail_head(h[:, half:])
+        if visible is not None:
+            return ca, detail
+        c, p = cfg.split_bands, cfg.patch_size
+        return torch.cat([unpatchify(ca, p, c, cfg.grid), unpatchify(detail, p, cfg.in_channels - c, cfg.grid)], 1)
+
+    def token_targets(self, x: torch.Tensor, visible: torch.Tensor):
+        """`x` (B, C, H, W), e.g. the noise, in the layout `forward(..., visible)` returns its predictions in."""
+        cfg = self.cfg
+        if self.detail_head is None:
+            return gather_tokens(patchify(x, cfg.patch_size), visible.to(x.device))
+        c, n, half = cfg.split_bands, cfg.cells, visible.shape[1] // 2
+        visible = visible.to(x.device)
+        return (gather_tokens(patchify(x[:, :c], cfg.patch_size), visible[:, :half]),
+                gather_tokens(patchify(x[:, c:], cfg.patch_size), visible[:, half:] - n))
 
 
 def flops_per_image(cfg: UViTConfig, n_visible: int | None = None) -> int:
@@ -219,7 +279,7 @@ def flops_per_image(cfg: UViTConfig, n_visible: int | None = None) -> int:
     per_block = 2 * L * D * (3 * D + D + 2 * hidden) + 2 * 2 * L * L * D  # qkv, proj, mlp; QK^T and AV
     n_in, n_mid, n_out = cfg.depth
     total = per_block * (n_in + n_mid + n_out) + n_out * 2 * L * 2 * D * D  # + long-skip projections
-    total += 2 * S * P * D * 2  # patch embed and head
+    total += 2 * S * P // cfg.token_sets * D * 2  # patch embed and head (split: each token carries half the values)
     if cfg.mlp_time_embed:
         total += 2 * (D * 4 * D) * 2
     return total
