@@ -148,3 +148,27 @@ def test_the_suggested_micro_batch_works_for_every_shipped_config(path, world):
     micro = int(re.search(r"--set train.micro_batch=(\d+)", msg).group(1))
     assert micro < t.micro_batch and batch_arithmetic(t.global_batch, micro, world) >= 1
     assert not [m for m in range(micro + 1, t.micro_batch) if t.global_batch % (m * world) == 0]  # the largest
+
+
+def test_paper_fidelity_keys_default_to_ours_and_validate(tmp_path):
+    cfg = ExperimentConfig()
+    assert (cfg.model.dwt_tokens, cfg.loss.dwt_weighting, cfg.optim.decay) == ("joint", "uniform", "matrices")
+    assert (cfg.train.ema_every, cfg.train.ema_update_after, cfg.train.ema_warmup) == (1, 0, True)
+    assert cfg.model.token_sets == 1
+    ref = ExperimentConfig.from_dict({"model": {"preset": "tiny", "input": "dwt", "image_size": 32,
+                                                "dwt_tokens": "split"},
+                                      "loss": {"dwt_weighting": "bands"}, "optim": {"decay": "all"},
+                                      "train": {"ema_every": 10, "ema_update_after": 100}})
+    assert ref.model.token_sets == 2 and ref.model.build().cfg.split_bands == 3
+    assert ExperimentConfig.from_dict(ref.to_dict()) == ref
+    for d, needle in [({"model": {"dwt_tokens": "both"}}, "model.dwt_tokens"),
+                      ({"model": {"input": "pixel", "dwt_tokens": "split"}}, "needs model.input: dwt"),
+                      ({"model": {"input": "pixel"}, "loss": {"dwt_weighting": "bands"}}, "leave it at uniform"),
+                      ({"loss": {"dwt_weighting": "cA"}}, "loss.dwt_weighting"),
+                      ({"optim": {"decay": "some"}}, "optim.decay"),
+                      ({"train": {"ema_update_after": -1}}, "ema_update_after")]:
+        with pytest.raises(ValueError, match=needle):
+            ExperimentConfig.from_dict(d, "x.yaml")
+    old = ExperimentConfig().to_dict()
+    del old["loss"]  # a checkpoint written before the loss section existed
+    assert ExperimentConfig.from_dict(old).loss.dwt_weighting == "uniform"

@@ -106,7 +106,25 @@ def test_clipping_reprojects_eps():
     expected = math.sqrt(ab[t_prev]) * x0c + math.sqrt(1 - ab[t_prev]) * eps_c
     out = ddim_step(x_t, eps, t, t_prev, ab, clip=make_clip("dwt"))
     assert torch.allclose(out, expected, atol=1e-10)
-    assert not torch.allclose(out, math.sqrt(ab[t_prev]) * x0c + math.sqrt(1 - ab[t_prev]) * eps)
+    raw = math.sqrt(ab[t_prev]) * x0c + math.sqrt(1 - ab[t_prev]) * eps
+    assert not torch.allclose(out, raw)
+    # clip mode "reference" (the MaskDM reference's sampler): the clipped x0 with the model's raw eps
+    ref = ddim_step(x_t, eps, t, t_prev, ab, clip=make_clip("dwt"), clip_mode="reference")
+    assert torch.allclose(ref, raw, atol=1e-10)
+    with pytest.raises(ValueError, match="clip mode"):
+        ddim_step(x_t, eps, t, t_prev, ab, clip=make_clip("dwt"), clip_mode="both")
+
+
+def test_clip_mode_changes_samples_only_where_clipping_bites():
+    torch.manual_seed(0)
+    model = build_model("tiny", 3, 16).eval()
+    ab = alphas_cumprod(make_betas("cosine"))
+    draw = lambda mode, clip: sample(model, (2, 3, 16, 16), ab, steps=5, eta=1.0, clip=clip, clip_mode=mode,  # noqa
+                                     generator=torch.Generator().manual_seed(1))
+    assert torch.equal(draw("rederive", None), draw("reference", None))  # nothing clipped: the same
+    assert not torch.allclose(draw("rederive", make_clip("pixel")), draw("reference", make_clip("pixel")))
+    with pytest.raises(ValueError, match="clip mode"):
+        draw("raw", None)
 
 
 def test_ddim_timesteps():
@@ -191,3 +209,53 @@ def test_msm_loss_is_the_visible_patch_mse():
                           atol=1e-6)
     loss.backward()
     assert model.head.weight.grad.abs().sum() > 0
+
+
+def test_bands_weighting_is_mean_ca_plus_mean_details():
+    """loss.dwt_weighting: bands (the reference) = mean over cA values + mean over the 9 detail bands' values, in
+    every layout: full image, joint tokens (4x4x12 per token), split tokens (a pair of token sets)."""
+    torch.manual_seed(0)
+    ab = alphas_cumprod(make_betas("cosine"))
+    x0, noise, t = torch.randn(2, 12, 16, 16), torch.randn(2, 12, 16, 16), torch.tensor([50, 900])
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    joint = build_model("tiny", 12, 16)
+    split = build_model("tiny", 12, 16, split_bands=3)
+    with torch.no_grad():
+        x_t = q_sample(x0, t, noise, ab)
+        err = (joint(x_t, t) - noise) ** 2  # (B, 12, H, W)
+        assert torch.allclose(msm_loss(joint, x0, t, noise, ab, None, "bands"),
+                              err[:, :3].mean() + err[:, 3:].mean(), atol=1e-6)
+        assert torch.allclose(msm_loss(joint, x0, t, noise, ab, None, "uniform"), err.mean(), atol=1e-6)
+        # joint tokens: a token holds 16 cells x 12 bands; the cA values are 3 of each cell's 12
+        vis = visible_indices("patch", 4, 0.5, 2, generator=g())
+        tok = (joint(x_t, t, visible=vis) - gather_tokens(patchify(noise, 4), vis)) ** 2  # (B, S, 192)
+        cells = tok.view(2, 8, 16, 12)
+        assert torch.allclose(msm_loss(joint, x0, t, noise, ab, vis, "bands"),
+                              cells[..., :3].mean() + cells[..., 3:].mean(), atol=1e-6)
+        # split tokens: each set's own mean, summed; uniform: one mean over both sets' values
+        vis2 = visible_indices("patch", 4, 0.5, 2, generator=g(), sets=2)
+        ca, detail = split(x_t, t, visible=vis2)
+        tca, tdetail = split.token_targets(noise, vis2)
+        e_ca, e_detail = (ca - tca) ** 2, (detail - tdetail) ** 2
+        assert torch.allclose(msm_loss(split, x0, t, noise, ab, vis2, "bands"), e_ca.mean() + e_detail.mean(),
+                              atol=1e-6)
+        assert torch.allclose(msm_loss(split, x0, t, noise, ab, vis2, "uniform"),
+                              (e_ca.sum() + e_detail.sum()) / (e_ca.numel() + e_detail.numel()), atol=1e-6)
+    # a cA error weighs 3x a detail error under bands, the same under uniform
+    class Const(torch.nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, x, t, visible=None):
+            return self.out
+
+    zero = torch.zeros_like(noise)
+    ca_off, detail_off = noise.clone(), noise.clone()
+    ca_off[:, 0] += 1.0  # one cA channel off by 1
+    detail_off[:, 3] += 1.0  # one detail channel off by 1
+    bands = [msm_loss(Const(p), zero, t, noise, ab, None, "bands") for p in (ca_off, detail_off)]
+    uniform = [msm_loss(Const(p), zero, t, noise, ab, None, "uniform") for p in (ca_off, detail_off)]
+    assert torch.allclose(bands[0], 3 * bands[1]) and torch.allclose(uniform[0], uniform[1])
+    with pytest.raises(ValueError, match="weighting"):
+        msm_loss(Const(ca_off), zero, t, noise, ab, None, "per-band")

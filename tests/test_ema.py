@@ -128,3 +128,68 @@ def test_warmup_state_resumes_exactly_and_old_states_count_as_warmed_up():
     c = EMA(model, 0.999, warmup=True)
     c.load_state_dict(old)
     assert c.current_decay() == 0.999
+
+
+def ema_pytorch_decays(n: int, beta: float, every: int, after: int) -> list[float | None]:
+    """The decay ema-pytorch (0.2.x, as the reference uses it: inv_gamma 1, power 2/3, min_value 0) applies at its
+    update() call k = 0..n-1: None when the call does not average, 0.0 when it copies, written out from its source."""
+    out = []
+    for k in range(n):
+        step_after = k + 1  # its counter is incremented before the decay is read
+        if k % every:
+            out.append(None)
+        elif k <= after:
+            out.append(0.0)
+        else:
+            epoch = max(step_after - after - 1, 0)
+            out.append(0.0 if epoch <= 0 else min(max(1 - (1 + epoch) ** (-2 / 3), 0.0), beta))
+    return out
+
+
+@pytest.mark.parametrize("every,after", [(1, 0), (10, 100), (3, 5)])
+def test_cadence_and_warmup_follow_ema_pytorch(every, after):
+    torch.manual_seed(4)
+    model = build_model("tiny", 3, 16)
+    ema = EMA(model, decay=0.999, warmup=True, every=every, after=after)
+    expected = ema_pytorch_decays(400, 0.999, every, after)
+    shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for k, d in enumerate(expected):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        changed = ema.update(model)
+        assert changed == (d is not None), k
+        if d is not None:
+            assert ema.current_decay(k) == pytest.approx(d, abs=1e-15), k
+            for n, p in model.named_parameters():
+                shadow[n] = shadow[n] * d + p.detach() * (1 - d)
+    for n in shadow:
+        assert torch.allclose(ema.shadow[n], shadow[n], atol=1e-6), n
+
+
+def test_cadence_resumes_exactly():
+    torch.manual_seed(5)
+    model = build_model("tiny", 3, 16)
+    steps = [{n: torch.randn_like(p) * 0.01 for n, p in model.named_parameters()} for _ in range(60)]
+    params = dict(model.named_parameters())
+
+    def run(ema, chunk):
+        for delta in chunk:
+            with torch.no_grad():
+                for n, d in delta.items():
+                    params[n].add_(d)
+            ema.update(model)
+
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    straight = EMA(model, 0.99, warmup=True, every=10, after=12)
+    run(straight, steps)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(start[n])
+    first = EMA(model, 0.99, warmup=True, every=10, after=12)
+    run(first, steps[:27])  # stop mid-cadence, inside the copy phase's end
+    resumed = EMA(model, 0.99, warmup=True, every=10, after=12)
+    resumed.load_state_dict(first.state_dict())
+    run(resumed, steps[27:])
+    assert resumed.updates == straight.updates == 60
+    assert all(torch.equal(resumed.shadow[n], straight.shadow[n]) for n in straight.shadow)

