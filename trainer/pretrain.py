@@ -36,6 +36,8 @@ def parse(argv=None, description=__doc__, extra=()) -> argparse.Namespace:
                    "assignment per rank/worker and the resume plan; do not train (no launcher needed)")
     p.add_argument("--world-size", type=int, help="--dry-run: the number of GPUs to plan for (default: the "
                    "launcher's WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-tflops", type=float, help="--dry-run: sustained training TFLOP/s per GPU for the GPU-days "
+                   "estimate (default 16.2, the reference's V100 rate)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the launcher
     return p.parse_args(argv)
 
@@ -61,7 +63,10 @@ def dry_run(args, cfg, ds) -> None:
     from trainer.dryrun import dry_run as report
 
     if int(os.environ.get("RANK", "0")) == 0:
-        print(report(cfg, ds, args.run_dir, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.resume))
+        from trainer.dryrun import REFERENCE_V100_TFLOPS
+
+        print(report(cfg, ds, args.run_dir, args.world_size or int(os.environ.get("WORLD_SIZE", "1")), args.resume,
+                     tflops=args.gpu_tflops or REFERENCE_V100_TFLOPS))
 
 
 def main(argv=None) -> None:
