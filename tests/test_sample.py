@@ -45,6 +45,16 @@ def test_resumes_missing_images_and_refuses_other_settings(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(before, pixels(out)))
     with pytest.raises(SystemExit, match="other settings"):
         sample_main([*args[:-2], "--seed", "1", "--out", str(out)])
+    record = json.loads((out / "sample.json").read_text())
+    assert (record["eta"], record["clip_mode"]) == (1.0, "rederive")  # the defaults, recorded
+    with pytest.raises(SystemExit, match="other settings"):
+        sample_main([*args, "--clip-mode", "reference"])
+    ref = tmp_path / "ref"
+    sample_main([*args[:-1], str(ref), "--clip-mode", "reference", "--eta", "0"])
+    assert (json.loads((ref / "sample.json").read_text())["clip_mode"], json.loads((ref / "sample.json").read_text())
+            ["eta"]) == ("reference", 0.0)
+    (out / "sample.json").write_text(json.dumps({k: v for k, v in record.items() if k != "clip_mode"}))
+    sample_main(args)  # a folder from before --clip-mode existed was drawn in rederive mode: still accepted
 
 
 def test_dwt_model_gives_rgb_at_twice_the_model_side(tmp_path):

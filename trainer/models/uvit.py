@@ -17,8 +17,11 @@ Parameter counts of the presets at the paper's settings (tested exactly in tests
     S  512 dim,  8 heads, 6+1+6 blocks,  64x64x3    patch 4:  44,292,144  (~44.3M)
     B  768 dim, 12 heads, 6+1+6 blocks,  256x256x3  patch 4: 102,417,456 (~102.4M)
     L 1024 dim, 16 heads, 8+1+8 blocks, 12x128x128 patch 4: 232,349,888 (~233M; q and v biases, no k bias, as the
-      reference. The reference tokenises cA and the detail bands as two token sets, 2048 tokens and 233.4M params;
-      here the 12 DWT bands form one 4x4x12 patch per token: 1024 tokens, half the attention cost.)
+      reference), with the 12 DWT bands as one 4x4x12 patch per token ("joint", our default: 1024 tokens).
+    L with split DWT tokens (`split_bands=3`, config model.dwt_tokens: split, the reference's MaskedDWTUViT):
+      233,399,488 (the paper's 233.4M): cA and the 9 detail bands are two token sets of 1024 each, with their own
+      patch embedding and head and their own positional-embedding rows, masked independently; 2048 tokens, about
+      2.1-2.3x the FLOPs of joint (docs/performance.md, "DWT tokens: joint vs split").
 """
 from __future__ import annotations
 
