@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import final_state, launch, launch_script, records, release_shm, wait_for, write_config
+from helpers import REPO, final_state, launch, launch_script, records, release_shm, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -200,3 +200,33 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, train_shards):
     assert len(stopped) == 1
     step = stopped[0]["step"]
     assert latest.read_text().strip() == f"step{step:08d}" and final_state(run, f"step{step:08d}")["step"] == step
+
+
+def test_reference_dwt_settings_train_and_sample(tmp_path, train_shards):
+    """The reference's DWT recipe through the real launcher: split tokens with independent patch masks, the bands
+    loss, decay on every parameter, ema-pytorch's cadence, no clipping; then RGB samples. A DWT model refuses
+    shards of another crop size (DWT bands are never resized) instead of gathering tokens off the wrong grid."""
+    import numpy as np
+    from PIL import Image
+
+    from trainer.sample import main as sample_main
+
+    cfg, dsc = write_config(tmp_path, train_shards, steps=4, ckpt_every=4, stage=1)
+    text = cfg.read_text().replace("input: pixel, image_size: 16, patch_size: 4",
+                                   "input: dwt, image_size: 16, patch_size: 2, dwt_tokens: split")
+    text = text.replace("kind: block, rate: 0.5, block: 2", "kind: patch, rate: 0.5")
+    text = text.replace("optim: {lr: 1.0e-3}", "optim: {lr: 1.0e-3, decay: all}\nloss: {dwt_weighting: bands}")
+    cfg.write_text(text.replace("train: {", "train: {ema_every: 2, ema_update_after: 1, "))
+    dsc.write_text((REPO / "ds_configs" / "cpu_fp32_noclip.json").read_text())
+    launch(cfg, dsc, tmp_path / "run")
+    losses = [x["loss"] for x in records(tmp_path / "run")]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 1.0 for v in losses)  # two means of ~1 each at init
+    state = final_state(tmp_path / "run", "step00000004")
+    assert state["ema"]["every"] == 2 and state["ema"]["updates"] == 4
+    assert state["module"]["pos_embed"].shape[1] == 1 + 2 * 16  # 2 token sets of a 4x4 grid
+    sample_main(["--ckpt", str(tmp_path / "run"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s")])
+    images = [np.asarray(Image.open(p)) for p in sorted((tmp_path / "s" / "images").glob("*.png"))]
+    assert [im.shape for im in images] == [(16, 16, 3)] * 2
+    r = launch_script("pretrain.py", cfg, dsc, tmp_path / "wrong", "--set", "model.image_size=32", check=False,
+                      num_gpus=1)
+    assert r.returncode != 0 and "holds 16 px crops" in r.stdout + r.stderr and "model.image_size" in r.stdout

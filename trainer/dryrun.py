@@ -126,6 +126,9 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
         lines.append(f"one epoch = {total:,} samples = {per_epoch:,.1f} steps; the run ({t.steps} steps) = "
                      f"{t.steps / per_epoch:,.2f} epochs")
     S = world * stream.W
+    for src, size in stream.sources_not_at(m.image_size) if m.input == "dwt" else []:
+        lines.append(f"{src}: {size} px crops, but this DWT model takes {m.image_size} px ones: training would refuse "
+                     f"(DWT bands are not resized; set model.image_size: {size} or shard at --size {m.image_size})")
     for src, size in stream.resized_sources():
         lines.append(f"{src}: {size} px crops, resized to the {m.image_size} px pixel-mode model on every sample")
     if cfg.data.order == "exact" and len(stream.all_shards) < S:

@@ -192,6 +192,11 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                                       m.image_size if m.input == "pixel" else None, cfg.data.order,
                                       cfg.train.micro_batch, cfg.data.shards_per_chunk, cfg.data.buffer,
                                       cfg.data.flip, data_seed), rank, world, cfg.data.workers, position)
+    if m.input == "dwt" and (other := stream.sources_not_at(m.image_size)):
+        src, size = other[0]
+        raise SystemExit(f"error: data source {src} holds {size} px crops (DWT bands {size // 2}x{size // 2}) but "
+                         f"model.image_size is {m.image_size}: DWT input is not resized; set model.image_size: {size} "
+                         f"or shard the images at --size {m.image_size}")
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0,
                         worker_init_fn=_ignore_stop_signals)

@@ -110,9 +110,13 @@ class ShardStream(IterableDataset):
         """(source, crop side) of the sources whose manifest gives another side than the pixel-mode model's."""
         if self.cfg.mode != "pixel" or not self.cfg.resolution:
             return []
+        return self.sources_not_at(self.cfg.resolution)
+
+    def sources_not_at(self, side: int) -> list[tuple[str, int]]:
+        """(source, crop side) of the sources whose manifest gives a crop side other than `side` (DWT mode cannot
+        resize: its bands are the shard's)."""
         sizes = [{sh.size for sh in shards} - {None} for shards in self.sources]
-        return [(src, size) for src, found in zip(self.cfg.sources, sizes) for size in sorted(found)
-                if size != self.cfg.resolution]
+        return [(src, size) for src, found in zip(self.cfg.sources, sizes) for size in sorted(found) if size != side]
 
     # -- which raw samples chunk c of a slot holds, in order --------------------------------------------------
 

@@ -219,6 +219,9 @@ class UViT(nn.Module):
         sets=2)` draws them so; sorted, the first half is then the cA set's)."""
         cfg = self.cfg
         B = x.shape[0]
+        if tuple(x.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):  # shapes only: no device sync
+            raise ValueError(f"input {tuple(x.shape)}: this model takes (B, {cfg.in_channels}, {cfg.image_size}, "
+                             f"{cfg.image_size})")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
         x = x.to(self.pos_embed.dtype)  # the module's dtype
         pos = self.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
