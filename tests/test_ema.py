@@ -133,12 +133,15 @@ def test_warmup_state_resumes_exactly_and_old_states_count_as_warmed_up():
 def ema_pytorch_decays(n: int, beta: float, every: int, after: int) -> list[float | None]:
     """The decay ema-pytorch (0.2.x, as the reference uses it: inv_gamma 1, power 2/3, min_value 0) applies at its
     update() call k = 0..n-1: None when the call does not average, 0.0 when it copies, written out from its source."""
-    out = []
+    out, initted = [], False
     for k in range(n):
         step_after = k + 1  # its counter is incremented before the decay is read
         if k % every:
             out.append(None)
         elif k <= after:
+            out.append(0.0)
+        elif not initted:  # it copies the weights into the EMA, then averages that with the same weights
+            initted = True
             out.append(0.0)
         else:
             epoch = max(step_after - after - 1, 0)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from helpers import fake_run, identity_tree
@@ -102,6 +103,41 @@ def test_ckpt_samples_records_in_the_run_and_plots(sets, capsys, tmp_path):
     assert Image.open(png).size[0] > 500
     with pytest.raises(SystemExit, match="no kid records"):
         evaluate_main(["--plot", str(run), "--metrics", "kid", "--out", str(png)])
+
+
+@pytest.mark.slow
+def test_fid_impl_is_recorded_keys_the_cache_and_feeds_reference_images_as_loaded(capsys, tmp_path):
+    """A folder of "original" reference images (JPEGs of several sizes, not square, in a subfolder) in both modes:
+    tf resizes them to the fakes' 32 px first, pytorch-fid feeds the decoded files as they are (its cached
+    reference statistics equal the features of the files read with PIL alone); each mode has its own cache."""
+    from pipeline.synthetic import synthetic_faces
+    from trainer import metrics as M
+
+    ref, fake = tmp_path / "ref", tmp_path / "fake"
+    (ref / "CelebA-HQ-img").mkdir(parents=True)
+    fake.mkdir()
+    faces = synthetic_faces(3, 96, seed=7)
+    for i, (h, w) in enumerate([(96, 96), (80, 64), (33, 47)]):
+        Image.fromarray(faces[i, :h, :w]).save(ref / "CelebA-HQ-img" / f"{i}.jpg", quality=90)
+    for i, face in enumerate(synthetic_faces(3, 32, seed=8)):
+        Image.fromarray(face).save(fake / f"{i}.png")
+    args = ("--fake", fake, "--ref", ref, "--metrics", "fid,kid")
+    tf = run_eval(capsys, *args)
+    pf = run_eval(capsys, *args, "--fid-impl", "pytorch-fid")
+    assert tf["fid_impl"] == "tf" and pf["fid_impl"] == "pytorch-fid" and tf["n"] == pf["ref_n"] == 3
+    assert pf["fid"] > 0 and abs(pf["fid"] - tf["fid"]) > 1e-3 * tf["fid"]      # other features, another FID
+    cache = ref / "eval-cache"
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 4 and sum("-32px-3." in n for n in names) == 2
+    assert sum("-pytorch-fid-native-3." in n for n in names) == 2
+    # pytorch-fid's reference statistics: the files decoded to RGB, no crop, no resize, no re-encode
+    files = sorted((ref / "CelebA-HQ-img").iterdir())
+    loaded = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files]
+    direct = M.FeatureStats()
+    direct.update(M.InceptionFeatures(impl="pytorch-fid")(loaded))
+    cached = M.FeatureStats.load(next(cache.glob("*-pytorch-fid-native-3.stats.npz")))
+    np.testing.assert_allclose(cached.mean, direct.mean, atol=1e-5)
+    assert np.abs(M.FeatureStats.load(next(cache.glob("*-32px-3.stats.npz"))).mean - direct.mean).max() > 1e-2
 
 
 def test_clear_errors(sets, tmp_path):

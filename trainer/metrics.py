@@ -215,13 +215,17 @@ def pytorch_fid_inception(weights: str | Path | None = None, resize_input: bool 
     else:
         sd = pytorch_fid_state_dict(path)
 
+    asked = []
+
     def offline(url, **_):  # instead of fid_inception_v3's download; its strict load_state_dict checks every name
         assert url == pfi.FID_WEIGHTS_URL, f"pytorch-fid asked for other weights: {url}"
+        asked.append(url)
         return sd
 
     with mock.patch.object(pfi, "load_state_dict_from_url", offline):
         net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]], resize_input=resize_input,
                               normalize_input=normalize_input)
+    assert asked == [pfi.FID_WEIGHTS_URL], "this pytorch-fid release loads its weights another way: pin >=0.3,<0.4"
     return net.eval()
 
 
