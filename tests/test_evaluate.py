@@ -98,6 +98,7 @@ def test_ckpt_samples_records_in_the_run_and_plots(sets, capsys, tmp_path):
     assert len(list((out / "images").glob("*.png"))) == 8 and (out / "metrics.json").exists()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["eval"] and records[-1]["fid"] == r["fid"] and records[-1]["step"] == 3
+    assert records[-1]["fid_impl"] == json.loads((out / "metrics.json").read_text())["fid_impl"] == "tf"
     png = tmp_path / "curves.png"
     evaluate_main(["--plot", str(run), "--metrics", "fid,swd", "--out", str(png)])
     assert Image.open(png).size[0] > 500
