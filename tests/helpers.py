@@ -227,14 +227,20 @@ def celebahq_tree(root: Path, n: int = 6, size: int = 256) -> Path:
     return root
 
 
-def train_shard_set(root: Path) -> Path:
-    """The trainer tests' shard set: 32 synthetic faces (4 identities), 16 px crops, no DWT, 8 shards of 4."""
+def jpeg_shard_set(root: Path, identities: int, per_identity: int, size: int, crop: int, shard_size: int) -> Path:
+    """ROOT/shards: an identity tree of synthetic faces (ROOT/src, `size` px) sharded as `crop` px crops without
+    DWT, `shard_size` samples per shard."""
     from pipeline.shard import main as shard_main
 
-    identity_tree(root / "src", identities=4, per_identity=8, size=48)
-    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", "16", "--no-dwt",
-                "--shard-size", "4"])
+    identity_tree(root / "src", identities=identities, per_identity=per_identity, size=size)
+    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", str(crop), "--no-dwt",
+                "--shard-size", str(shard_size)])
     return root / "shards"
+
+
+def train_shard_set(root: Path) -> Path:
+    """The trainer tests' shard set: 32 synthetic faces (4 identities), 16 px crops, no DWT, 8 shards of 4."""
+    return jpeg_shard_set(root, identities=4, per_identity=8, size=48, crop=16, shard_size=4)
 
 
 # --- trainer runs: configs, launches, what a run leaves ----------------------------------------------------------

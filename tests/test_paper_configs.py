@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import identity_tree
-from pipeline.shard import main as shard_main
+from helpers import jpeg_shard_set
 from trainer.config import ExperimentConfig, parse_overrides
 from trainer.finetune import main as finetune_main
 from trainer.pretrain import main as pretrain_main
@@ -50,11 +49,8 @@ COST = {row["experiment"]: row for row in table("experiment | config | paper")}
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """40 one-sample shards (more than the 8 x 4 readers): the dry run reads only the manifest."""
-    root = tmp_path_factory.mktemp("paper")
-    identity_tree(root / "src", identities=4, per_identity=10, size=24)
-    shard_main(["folder", "--src", str(root / "src"), "--out", str(root / "shards"), "--size", "16", "--no-dwt",
-                "--shard-size", "1"])
-    return root / "shards"
+    return jpeg_shard_set(tmp_path_factory.mktemp("paper"), identities=4, per_identity=10, size=24, crop=16,
+                          shard_size=1)
 
 
 def dry(capsys, argv: list[str], trainer: str, shards, run_dir, world: int = WORLD) -> str:
