@@ -55,7 +55,7 @@ def main(argv=None) -> None:
 
     resuming = args.resume != "none" and (Path(args.run_dir) / "checkpoints" / "latest").exists()
     training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step,
-                  init_model=None if resuming else init)
+                  time_limit=args.time_limit, init_model=None if resuming else init)
 
 
 if __name__ == "__main__":

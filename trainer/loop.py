@@ -123,7 +123,8 @@ def _tensorboard(run_dir: Path):
 
 
 def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path, resume: str = "auto",
-                  until_step: int | None = None, init_model=None, log=print) -> dict:
+                  until_step: int | None = None, time_limit: float | None = None, init_model=None,
+                  log=print) -> dict:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -167,6 +168,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     data_seed = cfg.train.seed  # seeds the stream and the per-rank generator of t, noise and masks
     gen = torch.Generator().manual_seed(data_seed * 100_003 + rank)
     step, position = 0, StreamPosition()
+    trained_s = 0.0  # training time of the earlier sessions of this run (from the checkpoint): --time-limit's clock
 
     # --- resume ----------------------------------------------------------------------------------------------
     if tag is not None:
@@ -174,6 +176,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         if path is None:
             raise SystemExit(f"error: could not load checkpoint {ckpt_dir / tag} (--resume {resume})")
         step = client["step"]
+        trained_s = client.get("train_s", 0.0)
         ema.load_state_dict(client["ema"])
         data_seed = client.get("data_seed", cfg.train.seed)
         if len(client["positions"]) == world:
@@ -203,7 +206,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     batches = iter(loader)
 
     def save(tag: str) -> None:
-        client = {"step": step, "ema": ema.state_dict(), "config": cfg.to_dict(), "data_seed": data_seed,
+        client = {"step": step, "train_s": train_s(), "ema": ema.state_dict(), "config": cfg.to_dict(),
+                  "data_seed": data_seed,
                   "positions": _gather(position.state_dict()), "rng": _gather(gen.get_state())}
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
         dist.barrier()  # every rank has written its part: only now is the checkpoint whole
@@ -219,6 +223,10 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     bar = tqdm(total=until, initial=step, unit="step", desc=cfg.name, disable=rank != 0, dynamic_ncols=True)
     mask, grid = cfg.mask, engine.module.cfg.grid
     start, start_step, loss_sum = time.time(), step, torch.zeros((), device=device)
+
+    def train_s() -> float:  # training time summed over this run's sessions (set-up and loading excluded)
+        return trained_s + time.time() - start
+
     inject = {int(x) for x in os.environ.get("MASKDM_INJECT_NONFINITE", "").split(",") if x.strip()}
     stop_signal, previous_handlers = _catch_stop_signals()
     nonfinite = skipped = 0  # consecutive steps with a non-finite loss; steps skipped since the last record
@@ -237,10 +245,13 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             loss = msm_loss(engine, x0, t.to(device), noise, ab, visible, cfg.loss.dwt_weighting)
             if step in inject and rank == 0 and micro == 0:            # fault injection (tests)
                 loss = loss * float("inf")
+            out_of_time = time_limit is not None and train_s() >= time_limit
             flags = torch.stack([(~torch.isfinite(loss.detach())).float(),   # agreed by all ranks: one sync
-                                 torch.tensor(float(stop_signal[0] is not None), device=device)])
+                                 torch.tensor(float(stop_signal[0] is not None), device=device),
+                                 torch.tensor(float(out_of_time), device=device)])
             dist.all_reduce(flags)
-            bad, stopping = flags.tolist()
+            bad, stopping, timed_out = flags.tolist()
+            stopping = stopping or timed_out
             if bad:
                 bad_step = True
                 if not engine.fp16_enabled():                           # nothing to skip it: stop, keep state
@@ -272,6 +283,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                       "loss": (totals[0] / totals[1]).item() if totals[1] else float("nan"),
                       "lr": scheduler.get_last_lr()[0],
                       "img_per_s": (step - start_step) * cfg.train.global_batch / (time.time() - start),
+                      "train_s": round(train_s(), 2),
                       "skipped_steps": skipped, "skipped_samples": sum(batch.get("skipped", {}).values()),
                       "bucket_retries": sum(batch.get("retries", {}).values())}
             if engine.fp16_enabled():
@@ -297,11 +309,13 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                 board.add_image("samples", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
         if step % cfg.train.ckpt_every == 0 or step == until:           # checkpoint
             save(f"step{step:08d}")
-        elif stopping:                                                  # SIGTERM/SIGUSR1 on some rank
+        elif stopping:                                  # SIGTERM/SIGUSR1 on some rank, or --time-limit reached
             save(f"step{step:08d}")
         if stopping:
             if rank == 0:
-                record = {"stopped": "a stop signal (SIGTERM/SIGUSR1) reached a rank", "step": step,
+                why = (f"--time-limit {time_limit:g} s of training reached" if timed_out else
+                       "a stop signal (SIGTERM/SIGUSR1) reached a rank")
+                record = {"stopped": why, "step": step, "train_s": round(train_s(), 2),
                           "checkpoint": str(ckpt_dir / f"step{step:08d}"), "resume": "run the same command again"}
                 log(json.dumps(record))
                 metrics.write(json.dumps(record) + "\n")

@@ -58,6 +58,7 @@ SWD (Karras et al. 2018, ProGAN): see `trainer.swd`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -141,6 +142,11 @@ def _ieee_convolutions():
 
 
 def _load_torchscript(path: Path, device) -> torch.jit.ScriptModule:
+    return _load_torchscript_cached(str(path), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=2)  # one process evaluating many models (experiments/) loads the 95 MB network once
+def _load_torchscript_cached(path: str, device: str) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():  # torch.jit.load is deprecated in recent torch; the weights ship as TorchScript
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.load(str(path), map_location=device).eval()

@@ -2,6 +2,7 @@
 
     deepspeed [--num_gpus N | --hostfile H] trainer/pretrain.py --config configs/X.yaml \
         --deepspeed_config ds_configs/zero2_fp16.json --run-dir runs/X [--resume auto|none|TAG] [--until-step N]
+        [--time-limit SECONDS]
     python trainer/pretrain.py ... --dry-run [--world-size 16]     # the plan: batch arithmetic, shards per rank
 
 Everything about the experiment is in the YAML (`--set section.key=value` overrides one entry); the DeepSpeed
@@ -29,6 +30,9 @@ def parse(argv=None, description=__doc__, extra=()) -> argparse.Namespace:
     p.add_argument("--run-dir", required=True, help="where config.yaml, metrics.jsonl and checkpoints/ go")
     p.add_argument("--resume", default="auto", help="auto (latest complete checkpoint), none, or a tag")
     p.add_argument("--until-step", type=int, help="stop cleanly at this step (scheduled jobs)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS", help="stop cleanly (checkpoint saved) once the "
+                   "run's training time, summed over resumes, reaches SECONDS (wall-clock budgets, equal-compute "
+                   "comparisons); the step it stopped at is logged")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config entry (a YAML value, coerced to the entry's type), e.g. --set "
                         "train.steps=10, --set optim.lr=1e-3, --set data.sources=[DIR1,DIR2]")
@@ -78,7 +82,8 @@ def main(argv=None) -> None:
     if args.dry_run:
         return dry_run(args, cfg, ds)
     check_sources(cfg.data.sources)  # before the run directory exists
-    training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step)
+    training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step,
+                  time_limit=args.time_limit)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +35,7 @@ from pipeline.store import Store
 from pipeline.synthetic import synthetic_faces
 from trainer.cpu_comm import build_cpu_comm_op
 from trainer.images import save_grid
-from trainer.loop import release_shm
+from trainer.launch import has_cuda, launch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -76,39 +74,6 @@ def make_shards(out: Path, n: int, seed: int = 0) -> Path:
             break
     _zoomed(np.stack(crops[:GRID]), out / "data.png")
     return shards
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def launch(script: str, run_dir: Path, ranks: int, sets: list[str], *extra: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    gpu = _has_cuda()
-    env = dict(os.environ) if gpu else {**os.environ, "DS_ACCELERATOR": "cpu"}
-    if not gpu and "OMP_NUM_THREADS" not in env:  # each rank's share of the cores: more threads than cores spin-wait
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
-    ds = "cpu_fp32.json"
-    if gpu:  # bf16 needs Ampere (compute capability 8.0) or newer; V100 trains in fp16 with loss scaling
-        import torch
-
-        ds = "zero2_bf16.json" if torch.cuda.get_device_capability(0)[0] >= 8 else "zero2_fp16.json"
-    # --log_level error: the runner's and launcher's own INFO lines (its command line, world info) and its warning
-    # that a single machine has no hostfile; the ranks' output and warnings are untouched
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--log_level", "error", "--num_gpus", str(ranks),
-           "--master_port", str(port), str(REPO / "trainer" / script), "--config", str(CONFIG),
-           "--deepspeed_config", str(REPO / "ds_configs" / ds), "--run-dir", str(run_dir), *extra]
-    for item in sets:
-        cmd += ["--set", item]
-    print(f"  $ {'DS_ACCELERATOR=cpu ' if not gpu else ''}deepspeed {' '.join(cmd[5:])}", flush=True)
-    code = subprocess.run(cmd, env=env).returncode
-    release_shm(port)
-    if code != 0:
-        raise SystemExit(f"error: {script} failed; its log is above, its run directory is {run_dir}")
 
 
 def sample(ckpt: Path, out: Path, n: int, steps: int) -> Path:
@@ -155,7 +120,7 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     pre, fine = a.pretrain_steps, a.finetune_steps
     out = Path(a.out).resolve()
-    gpu = _has_cuda()
+    gpu = has_cuda()
     where = f"{a.ranks} {'GPU' if gpu else 'CPU'} ranks"
     stages = Stages(4)
     print(f"quickstart: synthetic faces -> shards -> 90%-masked pre-training -> fine-tuning -> samples, in {out}")
@@ -166,12 +131,13 @@ def main(argv=None) -> None:
         build_cpu_comm_op()
 
     stages.run("pre-train", f"{pre} steps, 90% of the patches dropped (block-wise), {where}",
-               lambda: launch("pretrain.py", out / "pretrain", a.ranks, common + [f"train.steps={pre}"]),
+               lambda: launch("pretrain.py", out / "pretrain", a.ranks, config=CONFIG,
+                                      sets=common + [f"train.steps={pre}"]),
                f"{out / 'pretrain'} (metrics.jsonl, checkpoints/, samples/)")
     stages.run("fine-tune", f"{fine} steps on every patch from the pre-trained weights, {where}",
-               lambda: launch("finetune.py", out / "finetune", a.ranks,
-                              common + [f"train.steps={fine}", "mask.rate=0.0", f"train.ckpt_every={fine}"],
-                              "--init", str(out / "pretrain")),
+               lambda: launch("finetune.py", out / "finetune", a.ranks, config=CONFIG,
+                              sets=common + [f"train.steps={fine}", "mask.rate=0.0", f"train.ckpt_every={fine}"],
+                              extra=["--init", str(out / "pretrain")]),
                f"{out / 'finetune'}")
     images = stages.run("sample", f"{GRID} images from the fine-tuned EMA weights, DDIM eta 1, {a.sample_steps} steps",
                         lambda: sample(out / "finetune", out / "samples", GRID, a.sample_steps),

@@ -1,0 +1,1 @@
+"""Experiments built from the project's own commands (shard, pretrain, finetune, evaluate): `experiments.transfer`."""

@@ -1,0 +1,3 @@
+from experiments.transfer.study import main
+
+main()
