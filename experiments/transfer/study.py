@@ -114,6 +114,7 @@ class Results:
     def __init__(self, out: Path, record: Path | None, scale_name: str, scale: Scale):
         self.path, self.record = out / "results.json", record
         settings = {"scale": scale_name, **dataclasses.asdict(scale), "config": CONFIG.read_text()}
+        settings = json.loads(json.dumps(settings))  # as read back: tuples are lists
         source = self.path if self.path.exists() else (record / "results.json" if record else None)
         if source is not None and source.exists():
             self.data = json.loads(source.read_text())
