@@ -396,10 +396,10 @@ def stages(study: Study) -> dict:
                     study.evaluate(arm, subset, step, seed)
         return run
 
-    for subset in ("10", "1"):
-        for arm in ARMS:
-            if subset == "10" and arm != "scratch":
-                out[f"pretrain-{arm}"] = (lambda a=arm: study.pretrain(a))
+    for arm in ARMS:  # arm by arm: a finished arm never needs its pre-training run again (a fresh machine re-trains
+        if arm != "scratch":  # only the pre-training of an arm it has not finished)
+            out[f"pretrain-{arm}"] = (lambda a=arm: study.pretrain(a))
+        for subset in ("10", "1"):
             out[f"{arm}-{subset}"] = arm_stage(arm, subset)
     return out
 
