@@ -87,6 +87,8 @@ def test_smoke_study_kill_resume_and_continue_from_record(tmp_path):
     # the control's pre-training ran for maskdm-lfw's training time (its --time-limit), however many steps that was
     assert runs["pretrain-dsm-lfw"]["time_limit"] == pytest.approx(runs["pretrain-maskdm-lfw"]["train_s"], abs=0.01)
     assert runs["pretrain-dsm-lfw"]["train_s"] >= runs["pretrain-dsm-lfw"]["time_limit"]
+    control = out / "runs" / "pretrain-dsm-lfw" / "checkpoints" / "latest"    # recorded at the step it stopped at
+    assert control.read_text().strip() == f"step{runs['pretrain-dsm-lfw']['steps']:08d}"
     assert runs["pretrain-maskdm-lfw"]["steps"] == SCALES["smoke"].pretrain_steps
     assert data["data"]["celeba-10"] == 20 and data["data"]["celeba-1"] == 2 and data["data"]["lfw"] == 200
     for name in ("results.json", "report.md", "curves.png", "grid-scratch-10.png", "grid-maskdm-lfw-1.png"):

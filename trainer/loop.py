@@ -276,7 +276,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             save(f"nonfinite-step{step:08d}")
             raise SystemExit(f"{nonfinite} consecutive steps with a non-finite loss (train.max_nonfinite) up to "
                              f"step {step}; checkpoint nonfinite-step{step:08d} saved")
-        if step % cfg.train.log_every == 0 or step == until:            # log (all ranks reduce)
+        if step % cfg.train.log_every == 0 or step == until or stopping:  # log (all ranks reduce)
             totals = torch.stack([loss_sum, torch.tensor(float(finite_n), device=device)])
             dist.all_reduce(totals)
             record = {"step": step, "images": step * cfg.train.global_batch,
