@@ -96,9 +96,9 @@ def write_report(data: dict, out: Path, record: Path | None) -> str:
     for name, r in data["runs"].items():
         limit = f"{r['time_limit']:.0f} s" if r.get("time_limit") else "-"
         lines.append(f"| {name} | {r['steps']} | {r['images']:,} | {r['train_s'] / 60:.1f} min | {limit} |")
-    lines += ["", "## Stages", "", "| stage | wall time | finished |", "|---|---:|---|"]
+    lines += ["", "## Stages", "", "| stage | wall time | finished | machine |", "|---|---:|---|---|"]
     for name, st in data["stages"].items():
-        lines.append(f"| {name} | {st['seconds'] / 60:.1f} min | {st['finished']} |")
+        lines.append(f"| {name} | {st['seconds'] / 60:.1f} min | {st['finished']} | {st.get('machine', '-')} |")
     text = "\n".join(lines) + "\n"
 
     targets = [out] + ([record] if record else [])

@@ -438,8 +438,11 @@ def main(argv=None) -> None:
         print(f"\n[{i}/{len(names)}] {name} ({a.scale} scale, {out})", flush=True)
         t0 = time.time()
         todo[name]()
+        hw = hardware()  # a continued study may finish on another machine: each stage says where it ran
         study.res.data["stages"][name] = {"done": True, "seconds": round(time.time() - t0, 1),
-                                          "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                                          "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                          "machine": f"{hw['cpu']} x{hw['cores']}" + (f", {hw['gpu']}" if hw["gpu"]
+                                                                                     else "")}
         study.res.save()
         write_report(study.res.data, out, record)
         print(f"[{i}/{len(names)}] {name} done in {time.time() - t0:.0f} s", flush=True)
