@@ -69,9 +69,9 @@ def write_report(data: dict, out: Path, record: Path | None) -> str:
 
     scratch_final = headline(data, "scratch", "10%", 4 * F)
     scratch_f = headline(data, "scratch", "10%", F)
-    lines += ["", "Relative to from scratch at the same F (10%): " + ", ".join(
-        f"{arm} {100 * (statistics.fmean(v) / statistics.fmean(scratch_f) - 1):+.0f}%"
-        for arm in ARMS_PRETRAINED if (v := headline(data, arm, "10%", F)) and scratch_f) or "-"]
+    relative = ", ".join(f"{arm} {100 * (statistics.fmean(v) / statistics.fmean(scratch_f) - 1):+.0f}%"
+                         for arm in ARMS_PRETRAINED if (v := headline(data, arm, "10%", F)) and scratch_f)
+    lines += ["", f"FID relative to from scratch at the same F (10%, mean over seeds): {relative or '-'}"]
     if scratch_final:
         target = statistics.fmean(scratch_final)
         reach = []
