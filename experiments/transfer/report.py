@@ -68,10 +68,13 @@ def write_report(data: dict, out: Path, record: Path | None) -> str:
     lines.append(f"| real vs real (floor) | - | {_spread(floor_fid)} | | {_spread(floor_kid, 1e3)} | |")
 
     scratch_final = headline(data, "scratch", "10%", 4 * F)
-    scratch_f = headline(data, "scratch", "10%", F)
-    relative = ", ".join(f"{arm} {100 * (statistics.fmean(v) / statistics.fmean(scratch_f) - 1):+.0f}%"
-                         for arm in ARMS_PRETRAINED if (v := headline(data, arm, "10%", F)) and scratch_f)
-    lines += ["", f"FID relative to from scratch at the same F (10%, mean over seeds): {relative or '-'}"]
+    for metric in ("fid", "kid"):
+        for sub in ("10%", "1%"):
+            base = headline(data, "scratch", sub, F, metric)
+            relative = ", ".join(f"{arm} {100 * (statistics.fmean(v) / statistics.fmean(base) - 1):+.0f}%"
+                                 for arm in ARMS_PRETRAINED if (v := headline(data, arm, sub, F, metric)) and base)
+            lines += ["", f"{metric.upper()} relative to from scratch at the same F ({sub}, means over seeds): "
+                          f"{relative or '-'}"]
     if scratch_final:
         target = statistics.fmean(scratch_final)
         reach = []
