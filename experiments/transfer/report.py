@@ -1,7 +1,7 @@
 """The transfer study's tables and figures, from results.json alone (so they can be redrawn from the committed
 record): report.md (Table 3's shape, the curves' points, the runs), curves.png (FID and KID vs fine-tune step on
 the 10% subset, one line per arm, the real-vs-real floor as a band) and grid-<arm>-<subset>.png (the first 64
-samples of each arm at F, seed 0)."""
+samples of each arm at F, seed 0; grid-scratch-10-4F.png: from scratch at 4F)."""
 from __future__ import annotations
 
 import shutil
@@ -165,10 +165,13 @@ def _grids(data: dict, out: Path) -> list[Path]:
     s = data["settings"]
     written = []
     for e in data["evals"]:
-        if e["arm"] == "floor" or e["step"] != s["finetune_steps"] or e["seed"] != s["seeds"][0]:
+        F = s["finetune_steps"]
+        if e["arm"] == "floor" or e["seed"] != s["seeds"][0] or e["step"] not in (F, 4 * F):
+            continue
+        if e["step"] == 4 * F and e["arm"] != "scratch":
             continue
         folder = out / e["samples"]
-        path = out / f"grid-{e['arm']}-{e['subset'].rstrip('%')}.png"
+        path = out / f"grid-{e['arm']}-{e['subset'].rstrip('%')}{'-4F' if e['step'] == 4 * F else ''}.png"
         files = sorted(folder.glob("*.png"))[:GRID] if folder.is_dir() else []
         if files:
             images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
