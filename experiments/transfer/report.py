@@ -67,7 +67,6 @@ def write_report(data: dict, out: Path, record: Path | None) -> str:
         lines.append(f"| {LABELS[arm]} | {step} | {cells[0]} | {cells[1]} | {kids[0]} | {kids[1]} |")
     lines.append(f"| real vs real (floor) | - | {_spread(floor_fid)} | | {_spread(floor_kid, 1e3)} | |")
 
-    scratch_final = headline(data, "scratch", "10%", 4 * F)
     for metric in ("fid", "kid"):
         for sub in ("10%", "1%"):
             base = headline(data, "scratch", sub, F, metric)
@@ -75,16 +74,27 @@ def write_report(data: dict, out: Path, record: Path | None) -> str:
                                  for arm in ARMS_PRETRAINED if (v := headline(data, arm, sub, F, metric)) and base)
             lines += ["", f"{metric.upper()} relative to from scratch at the same F ({sub}, means over seeds): "
                           f"{relative or '-'}"]
-    if scratch_final:
-        target = statistics.fmean(scratch_final)
+    scratch_curve = _curve(data, "scratch", "10%", seed0)
+    final = [f for st, f in scratch_curve if st == 4 * F]
+    if final:
         reach = []
-        for arm in ("scratch",) + ARMS_PRETRAINED:
+        for arm in ARMS_PRETRAINED:
             curve = _curve(data, arm, "10%", seed0)
             if curve:
-                st = steps_to_reach(curve, target)
-                reach.append(f"{arm} {'never within its ' + str(curve[-1][0]) + ' steps' if st is None else f'{st:.0f}'}")
-        lines += ["", f"Fine-tune steps to reach from-scratch's FID at 4F ({target:.2f}, seed {seed0}, linear "
-                  f"interpolation between evaluated steps): " + ", ".join(reach)]
+                st = steps_to_reach(curve, final[0])
+                reach.append(f"{arm} {'not within its ' + str(curve[-1][0]) if st is None else f'{st:.0f}'}")
+        lines += ["", f"Fine-tune steps to reach from-scratch's FID at 4F ({final[0]:.2f}, seed {seed0}, linear "
+                  f"interpolation between evaluated steps): " + (", ".join(reach) or "-")]
+    if scratch_curve:
+        speed = []
+        for arm in ARMS_PRETRAINED:
+            at_f = [f for st, f in _curve(data, arm, "10%", seed0) if st == F]
+            if at_f:
+                st = steps_to_reach(scratch_curve, at_f[0])
+                speed.append(f"{arm} ({at_f[0]:.2f}): " + (f"{st:.0f} steps, {st / F:.1f}x F" if st is not None else
+                                                            f"not within {scratch_curve[-1][0]}"))
+        lines += ["", f"Steps from scratch needs to reach each arm's FID at F (10%, seed {seed0}, interpolated): "
+                  + (", ".join(speed) or "-")]
 
     lines += ["", "## Every evaluation", "", "| arm | subset | step | seed | N | FID | KID x1e3 | images seen "
               "(pre-train + fine-tune) | training time (pre-train + fine-tune) | eval time |",
