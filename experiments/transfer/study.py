@@ -267,12 +267,12 @@ class Study:
         return self.out / "runs" / name
 
     def _latest_step(self, run: Path) -> int:
-        from trainer.checkpoints import latest_tag
+        from trainer.checkpoints import COMPLETE, latest_tag
 
         tag = latest_tag(run / "checkpoints") if (run / "checkpoints").is_dir() else None
         if tag is None:
             return 0
-        return json.loads((run / "checkpoints" / tag / "maskdm_complete.json").read_text())["step"]
+        return json.loads((run / "checkpoints" / tag / COMPLETE).read_text())["step"]
 
     def train(self, name: str, script: str, sets: list[str], steps: int, ckpt_every: int,
               extra: list[str] = (), time_limit: float | None = None) -> dict:
