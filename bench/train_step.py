@@ -11,7 +11,7 @@ alike; the table reports the median. Columns:
 - img/s: images per second per device; `vs rate 0`: its ratio to the unmasked step of the same preset/dtype.
 - act MB: bytes the forward saves for backward, weights excluded (activations; saved-tensor hooks, any device).
 - peak MB: CUDA only, torch.cuda.max_memory_allocated over the timed steps (weights, grads, AdamW state included).
-- TFLOP/s and MFU: 3 x forward FLOPs of the visible tokens (trainer.models.flops_per_image) per second, over the
+- TFLOP/s and MFU: 3 x forward FLOPs of the visible tokens (trainer.core.models.flops_per_image) per second, over the
   GPU's dense fp16/bf16 peak (a table of known GPUs, or --peak-tflops).
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import time
 import torch
 
 from model_flops import DTYPES, SETTINGS, device_name  # bench/ is the script's folder
-from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
-from trainer.masking import visible_indices
-from trainer.models import build_model, flops_per_image
+from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
+from trainer.core.masking import visible_indices
+from trainer.core.models import build_model, flops_per_image
 
 SIDES = {**SETTINGS, "tiny": (3, 64)}
 RATES = (0.0, 0.5, 0.7, 0.9)

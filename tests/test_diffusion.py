@@ -1,14 +1,14 @@
-"""trainer.diffusion: closed forms, exact DDIM trajectories, DDPM == DDIM(eta=1), losses, a training-free toy."""
+"""trainer.core.diffusion and trainer.core.sampling: closed forms, exact DDIM trajectories, DDPM == DDIM(eta=1), losses, a training-free toy."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from trainer.diffusion import (alphas_cumprod, ddim_step, ddim_timesteps, ddpm_step, dsm_loss, make_betas,
-                               make_clip, msm_loss, posterior_variance, q_sample, sample)
-from trainer.masking import gather_tokens, patchify, visible_indices
-from trainer.models import build_model
+from trainer.core.diffusion import alphas_cumprod, dsm_loss, make_betas, msm_loss, posterior_variance, q_sample
+from trainer.core.sampling import ddim_step, ddim_timesteps, ddpm_step, make_clip, sample
+from trainer.core.masking import gather_tokens, patchify, visible_indices
+from trainer.core.models import build_model
 
 EXACT = 1e-10  # float64 arithmetic on the same closed forms
 

@@ -6,9 +6,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import requires_cuda
-from trainer.masking import patchify, visible_indices
-from trainer.models import PRESETS, UViTConfig, build_model, flops_per_image
-from trainer.models.uvit import timestep_embedding
+from trainer.core.masking import patchify, visible_indices
+from trainer.core.models import PRESETS, UViTConfig, build_model, flops_per_image
+from trainer.core.models.uvit import timestep_embedding
 
 # fp32 CPU: masked and unmasked paths run the same ops on differently shaped tensors; the kernels may block
 # reductions differently, so allow a few ulps of the activations' scale.
@@ -162,7 +162,7 @@ def test_timestep_embedding_hand_computed():
 def test_layernorm32_survives_fp16_overflow():
     """DeepSpeed's classic fp16 stores the whole module in half precision. LayerNorm statistics of activations
     ~1000 overflow in fp16 (the variance ~1e6 > 65504); LayerNorm32 computes them in fp32."""
-    from trainer.models.uvit import LayerNorm32
+    from trainer.core.models.uvit import LayerNorm32
 
     ln = LayerNorm32(64).half()
     x = (torch.randn(4, 64) * 1000).half()

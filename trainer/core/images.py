@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from pipeline.imaging import image_grid
-from trainer.dwt import denormalize_bands, idwt2
+from trainer.core.dwt import denormalize_bands, idwt2
 
 __all__ = ["to_rgb_uint8", "save_grid"]
 

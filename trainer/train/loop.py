@@ -8,6 +8,10 @@ One call, `training_loop(cfg, ds_config=..., run_dir=...)`, from the thin CLIs `
 Checkpoints (`engine.save_checkpoint`) carry the client state needed to continue exactly: step, EMA, each rank's
 stream position and RNG state, and the resolved config.
 
+The loop body keeps the DeepSpeed calls in view; what surrounds them has a name: `_resume` (load a checkpoint's
+client state), `_stop_nonfinite` (the save-and-stop of a non-finite loss), `_Records` (metrics.jsonl, TensorBoard,
+the progress bar: `log_step` all-reduces the loss and the data counts of every rank's workers).
+
 Non-finite losses. All ranks agree on each micro-batch's loss being finite (one scalar all-reduce). With fp16
 dynamic loss scaling a non-finite loss is an overflow: DeepSpeed skips the step (and the loop the EMA), the loss
 scale drops, and only `train.max_nonfinite` consecutive such steps stop the run. Without a loss scaler (fp32,
@@ -16,12 +20,12 @@ Fault injection for tests: MASKDM_INJECT_NONFINITE=3,7 makes rank 0's loss infin
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,14 +34,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from trainer.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune
-from trainer.config import ExperimentConfig, batch_arithmetic
-from trainer.cpu_comm import announce_cpu_comm_build, init_distributed_quietly, quiet_known_noise
-from trainer.data import to_model_input
-from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
-from trainer.ema import EMA
-from trainer.masking import visible_indices
-from trainer.stream import ShardStream, StreamConfig, StreamPosition
+from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
+from trainer.core.masking import visible_indices
+from trainer.data.shards import to_model_input
+from trainer.data.stream import DataCounts, ShardStream, StreamConfig, StreamPosition
+from trainer.train.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune
+from trainer.train.config import ExperimentConfig, batch_arithmetic
+from trainer.train.distributed import announce_cpu_comm_build, init_distributed_quietly, quiet_known_noise, release_shm
+from trainer.train.ema import EMA
+from trainer.train.rundir import RunDir, step_tag
 
 __all__ = ["training_loop", "param_groups"]
 
@@ -56,34 +61,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matr
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, seed: int = 0, device="cpu") -> Path:
-    """`train.sample_n` images from the EMA weights (DDIM, `train.sample_steps`, `train.sample_eta`, fixed seed) as
-    one PNG, drawn on `device` (rank 0's GPU in training: on a CPU a large model would keep the other ranks waiting
-    for minutes)."""
-    from trainer.diffusion import make_clip, sample
-    from trainer.images import save_grid, to_rgb_uint8
+def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, device="cpu") -> Path:
+    """The EMA weights' sample grid: `train.sampling` (DDIM, `train.sample_steps`, `train.sample_eta`,
+    `train.sample_n` images, seed 0) as one PNG, drawn on `device` (rank 0's GPU in training: on a CPU a large model
+    would keep the other ranks waiting for minutes)."""
+    from trainer.core.images import save_grid
+    from trainer.core.sampling import generate
 
-    m = cfg.model
-    model = m.build().eval()
+    model = cfg.model.build().eval()
     ema.copy_to(model)
     model.to(device)
-    x = sample(model, (cfg.train.sample_n, m.in_channels, m.model_size, m.model_size),
-               alphas_cumprod(make_betas(cfg.train.schedule)), steps=cfg.train.sample_steps,
-               eta=cfg.train.sample_eta, clip=make_clip(m.input), generator=torch.Generator().manual_seed(seed),
-               device=device)
+    images = generate(model, cfg, range(cfg.train.sample_n), cfg.train.sampling)
     del model
-    return save_grid(to_rgb_uint8(x, m.input), path)
-
-
-def release_shm(port: str | int | None, addr: str = "127.0.0.1", rank: int | str = "*") -> None:
-    """DeepSpeed's CPU shared-memory all-reduce leaves its buffers in /dev/shm (~69 MB per rank per run, never
-    freed): remove those of one run (its master address and port)."""
-    if port:
-        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
-            try:
-                os.unlink(f)
-            except FileNotFoundError:
-                pass
+    return save_grid(images, path)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -113,13 +103,100 @@ def _gather(obj) -> list:
     return out
 
 
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SystemExit("error: train.tensorboard: true needs the tensorboard package: pip install tensorboard "
-                         "(or set train.tensorboard: false; metrics.jsonl has the same records)") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+class _Records:
+    """Rank 0's outputs of a run: metrics.jsonl, TensorBoard (train.tensorboard) and the progress bar. Other ranks
+    hold one too and only take part in the all-reduce of `log_step`."""
+
+    def __init__(self, cfg: ExperimentConfig, run: RunDir, rank: int, step: int, until: int, device, log):
+        self.cfg, self.rank, self.device, self.log = cfg, rank, device, log
+        self.file = open(run.metrics, "a") if rank == 0 else None
+        self.board = self._tensorboard(run) if rank == 0 and cfg.train.tensorboard else None
+        self.bar = tqdm(total=until, initial=step, unit="step", desc=cfg.name, disable=rank != 0, dynamic_ncols=True)
+        self.start, self.start_step = time.time(), step
+
+    @staticmethod
+    def _tensorboard(run: RunDir):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise SystemExit("error: train.tensorboard: true needs the tensorboard package: pip install tensorboard "
+                             "(or set train.tensorboard: false; metrics.jsonl has the same records)") from None
+        return SummaryWriter(str(run.tensorboard))
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def log_step(self, step: int, loss_sum: torch.Tensor, finite_n: int, skipped_steps: int, counts: DataCounts,
+                 lr: float, train_s: float, loss_scale: float | None) -> None:
+        """One training record (all ranks call this: the loss and the data counts are summed over ranks)."""
+        totals = torch.stack([loss_sum.float(), *(torch.tensor(float(x), device=self.device)
+                                                  for x in (finite_n, *counts.totals()))])
+        dist.all_reduce(totals)
+        loss, n, skipped, retries = totals.tolist()
+        record = {"step": step, "images": step * self.cfg.train.global_batch,
+                  "loss": loss / n if n else float("nan"), "lr": lr,
+                  "img_per_s": (step - self.start_step) * self.cfg.train.global_batch / (time.time() - self.start),
+                  "train_s": round(train_s, 2), "skipped_steps": skipped_steps,
+                  "skipped_samples": int(skipped), "bucket_retries": int(retries)}
+        if loss_scale is not None:
+            record["loss_scale"] = loss_scale
+        if self.rank != 0:
+            return
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
+                             **({"scale": loss_scale} if loss_scale is not None else {}))
+        self.log(json.dumps(record))
+        self.write(record)
+        if self.board is not None:
+            for key, value in record.items():
+                if key not in ("step", "images"):
+                    self.board.add_scalar(f"train/{key}", value, step)
+            self.board.flush()
+
+    def grid(self, step: int, png: Path) -> None:
+        self.write({"step": step, "samples": str(png)})
+        if self.board is not None:
+            self.board.add_image("samples", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resume: str, universal: bool,
+            cfg: ExperimentConfig, rank: int, world: int, log) -> tuple[int, float, int, StreamPosition]:
+    """Load checkpoint `tag` into the engine, the EMA and this rank's generator; returns (step, training seconds
+    so far, data seed, this rank's stream position). On another world size the per-rank positions do not carry
+    over: the stream restarts with a seed drawn from (seed, step), not a replay of the run's beginning."""
+    path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
+    if path is None:
+        raise SystemExit(f"error: could not load checkpoint {run.checkpoint(tag)} (--resume {resume})")
+    step = client["step"]
+    ema.load_state_dict(client["ema"])
+    data_seed, position = client.get("data_seed", cfg.train.seed), StreamPosition()
+    if len(client["positions"]) == world:
+        position = StreamPosition.from_state_dict(client["positions"][rank])
+        gen.set_state(client["rng"][rank])
+    else:
+        data_seed = (cfg.train.seed * 1_000_003 + step) % 2**31
+        gen.manual_seed(data_seed * 100_003 + rank)
+        if rank == 0:
+            log(json.dumps({"warning": f"resumed on {world} ranks from a {len(client['positions'])}-rank "
+                                       f"checkpoint: the data stream restarts with seed {data_seed}"}))
+    if rank == 0:
+        log(json.dumps({"resumed": path, "step": step, "universal": universal}))
+    return step, client.get("train_s", 0.0), data_seed, position
+
+
+def _stop_nonfinite(save: Callable[[str], None], step: int, why: str) -> None:
+    """Save checkpoint nonfinite-stepN (all ranks) and stop the run saying `why`."""
+    tag = f"nonfinite-step{step:08d}"
+    save(tag)
+    raise SystemExit(f"{why}; checkpoint {tag} saved")
 
 
 def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path, resume: str = "auto",
@@ -137,14 +214,14 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     accumulation = batch_arithmetic(cfg.train.global_batch, cfg.train.micro_batch, world)
     ds = {**ds_config, "train_batch_size": cfg.train.global_batch,
           "train_micro_batch_size_per_gpu": cfg.train.micro_batch, "gradient_accumulation_steps": accumulation}
-    run_dir, ckpt_dir = Path(run_dir), Path(run_dir) / "checkpoints"
+    run = RunDir(run_dir)
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    tag, universal = plan_resume(ckpt_dir, resume, world)
-    if universal:  # another world size than the checkpoint's: load its universal form (trainer/checkpoints.py)
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(cfg.to_yaml())
+    tag, universal = plan_resume(run.checkpoints, resume, world)
+    if universal:  # another world size than the checkpoint's: load its universal form (trainer/train/checkpoints.py)
         if rank == 0:
-            convert_to_universal(ckpt_dir, tag.removesuffix(UNIVERSAL_SUFFIX), log=log)
+            convert_to_universal(run.checkpoints, tag.removesuffix(UNIVERSAL_SUFFIX), log=log)
         dist.barrier()
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
 
@@ -165,36 +242,14 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     ab = alphas_cumprod(make_betas(cfg.train.schedule))
     device = torch.device(get_accelerator().device_name(engine.local_rank))
     dtype = next(engine.module.parameters()).dtype
-    data_seed = cfg.train.seed  # seeds the stream and the per-rank generator of t, noise and masks
-    gen = torch.Generator().manual_seed(data_seed * 100_003 + rank)
-    step, position = 0, StreamPosition()
-    trained_s = 0.0  # training time of the earlier sessions of this run (from the checkpoint): --time-limit's clock
+    gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rank)  # this rank's t, noise and masks
+    step, trained_s, data_seed, position = 0, 0.0, cfg.train.seed, StreamPosition()
+    if tag is not None:  # trained_s: training time of the earlier sessions of this run, --time-limit's clock
+        step, trained_s, data_seed, position = _resume(engine, ema, gen, run, tag, resume, universal, cfg, rank,
+                                                       world, log)
 
-    # --- resume ----------------------------------------------------------------------------------------------
-    if tag is not None:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        if path is None:
-            raise SystemExit(f"error: could not load checkpoint {ckpt_dir / tag} (--resume {resume})")
-        step = client["step"]
-        trained_s = client.get("train_s", 0.0)
-        ema.load_state_dict(client["ema"])
-        data_seed = client.get("data_seed", cfg.train.seed)
-        if len(client["positions"]) == world:
-            position = StreamPosition.from_state_dict(client["positions"][rank])
-            gen.set_state(client["rng"][rank])
-        else:  # another world size: per-rank positions do not carry over; a fresh stream, not a replay
-            data_seed = (cfg.train.seed * 1_000_003 + step) % 2**31
-            gen.manual_seed(data_seed * 100_003 + rank)
-            if rank == 0:
-                log(json.dumps({"warning": f"resumed on {world} ranks from a {len(client['positions'])}-rank "
-                                           f"checkpoint: the data stream restarts with seed {data_seed}"}))
-        if rank == 0:
-            log(json.dumps({"resumed": path, "step": step, "universal": universal}))
-
-    stream = ShardStream(StreamConfig(cfg.data.sources, cfg.data.weights, m.input,
-                                      m.image_size if m.input == "pixel" else None, cfg.data.order,
-                                      cfg.train.micro_batch, cfg.data.shards_per_chunk, cfg.data.buffer,
-                                      cfg.data.flip, data_seed), rank, world, cfg.data.workers, position)
+    # --- data ---------------------------------------------------------------------------------------------
+    stream = ShardStream(StreamConfig.from_experiment(cfg, data_seed), rank, world, cfg.data.workers, position)
     if m.input == "dwt" and (other := stream.sources_not_at(m.image_size)):
         src, size = other[0]
         raise SystemExit(f"error: data source {src} holds {size} px crops (DWT bands {size // 2}x{size // 2}) but "
@@ -203,30 +258,27 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0,
                         worker_init_fn=_ignore_stop_signals)
-    batches = iter(loader)
+    batches, counts = iter(loader), DataCounts()
+
+    def train_s() -> float:  # training time summed over this run's sessions (set-up and loading excluded)
+        return trained_s + time.time() - start
 
     def save(tag: str) -> None:
         client = {"step": step, "train_s": train_s(), "ema": ema.state_dict(), "config": cfg.to_dict(),
                   "data_seed": data_seed,
                   "positions": _gather(position.state_dict()), "rng": _gather(gen.get_state())}
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client)
+        engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state=client)
         dist.barrier()  # every rank has written its part: only now is the checkpoint whole
         if rank == 0:
-            mark_complete(ckpt_dir / tag, step, world)
+            mark_complete(run.checkpoint(tag), step, world)
             if cfg.train.keep_last:
-                prune(ckpt_dir, cfg.train.keep_last)
+                prune(run.checkpoints, cfg.train.keep_last)
 
     # --- the loop --------------------------------------------------------------------------------------------
     until = min(until_step or cfg.train.steps, cfg.train.steps)
-    metrics = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
-    board = _tensorboard(run_dir) if rank == 0 and cfg.train.tensorboard else None
-    bar = tqdm(total=until, initial=step, unit="step", desc=cfg.name, disable=rank != 0, dynamic_ncols=True)
+    records = _Records(cfg, run, rank, step, until, device, log)
     mask, grid = cfg.mask, engine.module.cfg.grid
-    start, start_step, loss_sum = time.time(), step, torch.zeros((), device=device)
-
-    def train_s() -> float:  # training time summed over this run's sessions (set-up and loading excluded)
-        return trained_s + time.time() - start
-
+    start, loss_sum = records.start, torch.zeros((), device=device)
     inject = {int(x) for x in os.environ.get("MASKDM_INJECT_NONFINITE", "").split(",") if x.strip()}
     stop_signal, previous_handlers = _catch_stop_signals()
     nonfinite = skipped = 0  # consecutive steps with a non-finite loss; steps skipped since the last record
@@ -236,6 +288,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         for micro in range(accumulation):
             batch = next(batches)                                       # load
             position.update(batch)
+            counts.update(batch)
             x0 = to_model_input(batch, m.input, device, dtype)         # (B, C, H, W)
             B = x0.shape[0]
             t = torch.randint(0, len(ab), (B,), generator=gen)
@@ -255,9 +308,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             if bad:
                 bad_step = True
                 if not engine.fp16_enabled():                           # nothing to skip it: stop, keep state
-                    save(f"nonfinite-step{step:08d}")
-                    raise SystemExit(f"non-finite loss at step {step}; checkpoint nonfinite-step{step:08d} saved "
-                                     f"(weights from before the step)")
+                    _stop_nonfinite(save, step, f"non-finite loss at step {step} (weights from before the step)")
             else:
                 loss_sum += loss.detach().float()
                 finite_n += 1
@@ -266,71 +317,39 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         step += 1
         if engine.was_step_applied():                                   # an fp16 overflow skips the EMA too
             if bad_step:  # cannot happen with DeepSpeed's overflow check; never train on a non-finite loss
-                save(f"nonfinite-step{step:08d}")
-                raise SystemExit(f"step {step} was applied despite a non-finite loss; checkpoint saved")
-            ema.update(engine.module)  # averages on every train.ema_every-th call (trainer/ema.py)
+                _stop_nonfinite(save, step, f"step {step} was applied despite a non-finite loss")
+            ema.update(engine.module)  # averages on every train.ema_every-th call (trainer/train/ema.py)
         else:
             skipped += 1
         nonfinite = nonfinite + 1 if bad_step else 0
         if nonfinite >= cfg.train.max_nonfinite:
-            save(f"nonfinite-step{step:08d}")
-            raise SystemExit(f"{nonfinite} consecutive steps with a non-finite loss (train.max_nonfinite) up to "
-                             f"step {step}; checkpoint nonfinite-step{step:08d} saved")
+            _stop_nonfinite(save, step, f"{nonfinite} consecutive steps with a non-finite loss "
+                                        f"(train.max_nonfinite) up to step {step}")
         if step % cfg.train.log_every == 0 or step == until or stopping:  # log (all ranks reduce)
-            totals = torch.stack([loss_sum, torch.tensor(float(finite_n), device=device)])
-            dist.all_reduce(totals)
-            record = {"step": step, "images": step * cfg.train.global_batch,
-                      "loss": (totals[0] / totals[1]).item() if totals[1] else float("nan"),
-                      "lr": scheduler.get_last_lr()[0],
-                      "img_per_s": (step - start_step) * cfg.train.global_batch / (time.time() - start),
-                      "train_s": round(train_s(), 2),
-                      "skipped_steps": skipped, "skipped_samples": sum(batch.get("skipped", {}).values()),
-                      "bucket_retries": sum(batch.get("retries", {}).values())}
-            if engine.fp16_enabled():
-                record["loss_scale"] = optimizer.cur_scale
+            records.log_step(step, loss_sum, finite_n, skipped, counts, scheduler.get_last_lr()[0], train_s(),
+                             optimizer.cur_scale if engine.fp16_enabled() else None)
             loss_sum.zero_()
             finite_n = skipped = 0
-            if rank == 0:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
-                                **({"scale": record["loss_scale"]} if "loss_scale" in record else {}))
-                log(json.dumps(record))
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if board is not None:
-                    for key, value in record.items():
-                        if key not in ("step", "images"):
-                            board.add_scalar(f"train/{key}", value, step)
-                    board.flush()
-        bar.update(1)
+        records.bar.update(1)
         if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
-            png = sample_grid(cfg, ema, run_dir / "samples" / f"step{step:08d}.png", device=device)
-            metrics.write(json.dumps({"step": step, "samples": str(png)}) + "\n")
-            if board is not None:
-                board.add_image("samples", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
-        if step % cfg.train.ckpt_every == 0 or step == until:           # checkpoint
-            save(f"step{step:08d}")
-        elif stopping:                                  # SIGTERM/SIGUSR1 on some rank, or --time-limit reached
-            save(f"step{step:08d}")
+            records.grid(step, sample_grid(cfg, ema, run.grid(step), device=device))
+        if step % cfg.train.ckpt_every == 0 or step == until or stopping:  # checkpoint (also to stop: a signal on
+            save(step_tag(step))                                         # some rank, or --time-limit reached)
         if stopping:
             if rank == 0:
                 why = (f"--time-limit {time_limit:g} s of training reached" if timed_out else
                        "a stop signal (SIGTERM/SIGUSR1) reached a rank")
                 record = {"stopped": why, "step": step, "train_s": round(train_s(), 2),
-                          "checkpoint": str(ckpt_dir / f"step{step:08d}"), "resume": "run the same command again"}
+                          "checkpoint": str(run.checkpoint(step_tag(step))), "resume": "run the same command again"}
                 log(json.dumps(record))
-                metrics.write(json.dumps(record) + "\n")
+                records.write(record)
             break
     for sig, old in previous_handlers.items():
         signal.signal(sig, old)
-    bar.close()
-    if metrics is not None:
-        metrics.close()
-    if board is not None:
-        board.close()
+    records.close()
     dist.barrier()  # every rank is done communicating: the shared-memory buffers can go
     release_shm(os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR", "127.0.0.1"), engine.local_rank)
     # without this a gloo worker thread can still be finishing the barrier at interpreter shutdown: it is killed
     # holding no GIL and C++ aborts ("terminate called without an active exception", exit -6) after a finished run
     dist.destroy_process_group()
     return {"step": step, "images": step * cfg.train.global_batch}
-

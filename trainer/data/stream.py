@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trainer.data import (INPUT_MODES, RETRIES, SkipCounter, collate, decode_sample, group_samples, list_shards,
+from trainer.core.settings import INPUT_MODES, ORDERS
+from trainer.data.shards import (RETRIES, SkipCounter, collate, decode_sample, group_samples, list_shards,
                           register_fsspec_schemes)
 
-__all__ = ["StreamConfig", "StreamPosition", "ShardStream", "ORDERS"]
+__all__ = ["StreamConfig", "StreamPosition", "ShardStream", "DataCounts"]
 
-ORDERS = ("resampled", "exact")
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +65,14 @@ class StreamConfig:
         if self.batch_size < 1 or self.shards_per_chunk < 1 or self.buffer < 1:
             raise ValueError("batch_size, shards_per_chunk and buffer must be >= 1")
 
+    @classmethod
+    def from_experiment(cls, cfg, seed: int | None = None) -> "StreamConfig":
+        """The stream of an ExperimentConfig (data section, model input, micro-batch); `seed` default train.seed."""
+        m, d = cfg.model, cfg.data
+        return cls(d.sources, d.weights, m.input, m.image_size if m.input == "pixel" else None, d.order,
+                   cfg.train.micro_batch, d.shards_per_chunk, d.buffer, d.flip,
+                   cfg.train.seed if seed is None else seed)
+
 
 @dataclass
 class StreamPosition:
@@ -83,6 +91,23 @@ class StreamPosition:
     @classmethod
     def from_state_dict(cls, d: dict) -> "StreamPosition":
         return cls({int(k): (int(v[0]), int(v[1])) for k, v in d["chunks"].items()}, int(d["batches"]))
+
+
+class DataCounts:
+    """Skipped samples and bucket retries of one rank, over all its DataLoader workers. Each batch carries its
+    worker's running totals (`skipped`: by reason, since the worker started; `retries`: by protocol, of the worker
+    process); the rank's figure is the sum of each worker's latest totals, and `totals()` is what the loop
+    all-reduces into the run's figure."""
+
+    def __init__(self):
+        self.latest: dict[int, tuple[int, int]] = {}
+
+    def update(self, batch: dict) -> None:
+        self.latest[batch["pos"][0]] = (sum(batch.get("skipped", {}).values()), sum(batch.get("retries", {}).values()))
+
+    def totals(self) -> tuple[int, int]:
+        """(skipped samples, bucket retries) summed over this rank's workers."""
+        return sum(s for s, _ in self.latest.values()), sum(r for _, r in self.latest.values())
 
 
 class ShardStream(IterableDataset):

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.masking import gather_tokens, patchify, unpatchify
+from trainer.core.masking import gather_tokens, patchify, unpatchify
 
 __all__ = ["UViTConfig", "UViT", "timestep_embedding", "flops_per_image"]
 
@@ -213,7 +213,7 @@ class UViT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, visible: torch.Tensor | None = None):
         """x: (B, C, H, W) noisy input x_t; t: (B,) integer steps (or a scalar); visible: (B, S) sorted token
         indices or None. Returns eps predictions: the full image (B, C, H, W) if `visible` is None, else per-token
-        predictions for the visible tokens (layout of `trainer.masking.patchify`): (B, S, p*p*C) for one token set;
+        predictions for the visible tokens (layout of `trainer.core.masking.patchify`): (B, S, p*p*C) for one token set;
         for split tokens the pair ((B, S/2, p*p*c) cA, (B, S/2, p*p*(C-c)) details), where `visible` holds S/2
         indices of each set: cA tokens are 0..cells-1, detail tokens cells..2*cells-1 (`visible_indices(...,
         sets=2)` draws them so; sorted, the first half is then the cA set's)."""
