@@ -18,13 +18,15 @@ import time
 import torch
 
 from trainer.core.masking import num_visible, visible_indices
+from trainer.core import settings
 from trainer.core.models import build_model, flops_per_image
+from trainer.core.settings import torch_dtype
 
 # The paper's settings for each preset: (input channels, model input side) -> token grid side / patch 4.
 SETTINGS = {"S": (3, 64), "B": (3, 256), "L": (12, 128)}
 RATES = (0.0, 0.5, 0.7, 0.9)
 BLOCK = 4
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in settings.DTYPES}
 
 
 def flops_table() -> None:

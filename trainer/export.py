@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.credentials import credentials_guard
+from trainer.core.settings import EXPORT_DTYPES
 
 
 def main(argv=None) -> None:
@@ -21,7 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="training run dir, its checkpoints/ folder or a tag folder")
     p.add_argument("--out", required=True, help="weights file NAME.safetensors (README.md, NAME.safetensors.sha256 "
                                                 "are written beside it)")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="stored precision of the weights")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32", help="stored precision of the weights")
     p.add_argument("--tag", help="checkpoint tag (default: the latest)")
     p.add_argument("--publish", metavar="URL", help="upload to this folder or fsspec URL prefix (s3://bucket/NAME)")
     p.add_argument("--force", action="store_true", help="with --publish: upload even if URL holds the same content")

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from trainer.core.settings import SamplingConfig
+from trainer.core.settings import EXPORT_DTYPES, SamplingConfig
 from trainer.train.checkpoints import latest_tag
 from trainer.train.jobs import REPO
 from trainer.train.rundir import RunDir, step_tag, tag_step
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-n", type=int, default=10_000)
     p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--eval-metrics", default="fid,kid")
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"), help="exported weights")
+    p.add_argument("--dtype", default="fp16", choices=EXPORT_DTYPES, help="exported weights")
     args = p.parse_args(argv)
     if args.every < 1:
         raise SystemExit("error: --every must be >= 1")

@@ -10,7 +10,8 @@ Registries (tuples of the accepted names; each module that implements one import
     CLIP_MODES   after clipping x0_hat, DDIM re-derives eps from it ("rederive") or keeps the raw eps ("reference")
     ORDERS       `trainer.data.stream`: "resampled" (endless weighted draw) or "exact" (epochs)
     FID_IMPLS    `trainer.eval.metrics`: the FID Inception protocol (TF-FID resize, or pytorch-fid's)
-    DTYPES       names of the autocast / storage dtypes (`torch_dtype` turns one into a torch.dtype)
+    DTYPES       names of the autocast / storage dtypes (`torch_dtype` turns one into a torch.dtype);
+                 EXPORT_DTYPES those an exported model can store
     PRESETS      U-ViT sizes (`trainer.core.models`); the paper's S/B/L and `tiny` for tests and the quickstart
 
 `SamplingConfig` is what a set of generated images depends on (sampler, steps, eta, clip mode, N, seed): the
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, replace
 
-__all__ = ["INPUT_MODES", "MASK_KINDS", "SCHEDULES", "SAMPLERS", "CLIP_MODES", "ORDERS", "FID_IMPLS", "DTYPES",
+__all__ = ["INPUT_MODES", "MASK_KINDS", "SCHEDULES", "SAMPLERS", "CLIP_MODES", "ORDERS", "FID_IMPLS", "DTYPES", "EXPORT_DTYPES",
            "PRESETS", "torch_dtype", "check_choice", "SamplingConfig"]
 
 INPUT_MODES = ("dwt", "pixel")
@@ -32,6 +33,7 @@ CLIP_MODES = ("rederive", "reference")
 ORDERS = ("resampled", "exact")
 FID_IMPLS = ("tf", "pytorch-fid")
 DTYPES = ("fp32", "fp16", "bf16")
+EXPORT_DTYPES = ("fp32", "fp16")   # what an exported model can store (`trainer.export --dtype`)
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, heads=4, depth=(1, 1, 1)),

@@ -38,12 +38,12 @@ from pathlib import Path
 
 import torch
 
+from trainer.core.settings import EXPORT_DTYPES, torch_dtype
 from trainer.train.rundir import RunDir
 from trainer.weights.load import FORMAT_VERSION, INDEX, decode_metadata, header_metadata, read_deepspeed, sha256_file
 
-__all__ = ["export", "publish", "write_safetensors", "data_manifests", "run_metrics", "model_card", "DTYPES"]
+__all__ = ["export", "publish", "write_safetensors", "data_manifests", "run_metrics", "model_card"]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}  # what an export can store
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16"}
 CARD = "README.md"
 CARD_MARKER = "<!-- maskdm model card"
@@ -195,6 +195,8 @@ def export(ckpt_dir: str, out: str | Path, dtype: str = "fp32", tag: str | None 
     from trainer.train.config import ExperimentConfig
 
     out = Path(out)
+    if dtype not in EXPORT_DTYPES:
+        raise SystemExit(f"error: --dtype {dtype}: an export stores one of {', '.join(EXPORT_DTYPES)}")
     if out.suffix != ".safetensors":
         raise SystemExit(f"error: --out {out}: name the weights file NAME.safetensors (loaders go by the suffix)")
     if (out.parent / CARD).exists() and not (out.parent / CARD).read_text(errors="replace").startswith(CARD_MARKER):
@@ -206,13 +208,13 @@ def export(ckpt_dir: str, out: str | Path, dtype: str = "fp32", tag: str | None 
         raise SystemExit(f"error: {states}: no config in the checkpoint's client state (not a maskdm run)")
     cfg = ExperimentConfig.from_dict(client["config"], where=str(states))
     shadow, step = client["ema"]["shadow"], int(client["step"])
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in shadow.items()}
+    tensors = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in shadow.items()}
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise SystemExit(f"error: {states}: non-finite EMA weights in {dtype} ({bad[:5]}); "
                          f"{'export with --dtype fp32' if dtype == 'fp16' else 'the run diverged'}")
     meta = {"format": "pt", "maskdm_format": FORMAT_VERSION, "maskdm_version": _maskdm_version(),
-            "dtype": str(DTYPES[dtype]).removeprefix("torch."), "config": cfg.to_dict(), "step": step,
+            "dtype": str(torch_dtype(dtype)).removeprefix("torch."), "config": cfg.to_dict(), "step": step,
             "images": step * cfg.train.global_batch, "ema_decay": client["ema"].get("decay"),
             "checkpoint": states.parent.name, "architecture": architecture(cfg, shadow),
             "data": data_manifests(cfg.data.sources), "metrics": run_metrics(RunDir.of_checkpoint(states.parent), step)}
