@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer.eval.protocol import compute_metrics, image_source
 from trainer.eval.metrics import FID_IMPLS
+from trainer.eval.protocol import compute_metrics, image_source
 
 REPO = Path(__file__).resolve().parents[1]
 

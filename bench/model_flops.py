@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from trainer.core.masking import num_visible, visible_indices
 from trainer.core import settings
+from trainer.core.masking import num_visible, visible_indices
 from trainer.core.models import build_model, flops_per_image
 from trainer.core.settings import torch_dtype
 

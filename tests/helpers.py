@@ -317,8 +317,8 @@ def enable_auth(server) -> dict:
 
 def fake_run(root: Path, input_mode: str = "pixel") -> Path:
     """A run directory as the training loop leaves it (rank 0's model states with the EMA and the config)."""
-    from trainer.train.config import ExperimentConfig
     from trainer.core.models import build_model
+    from trainer.train.config import ExperimentConfig
 
     cfg = ExperimentConfig.from_dict({
         "model": {"preset": "tiny", "input": input_mode, "image_size": 16, "patch_size": 4,

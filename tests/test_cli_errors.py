@@ -105,6 +105,24 @@ def test_training_on_what_is_not_a_shard_set_says_which_case(shards, tmp_path, c
         assert not (tmp_path / "run").exists()  # refused before training_loop made the run directory
 
 
+def test_a_deepspeed_json_that_sets_batch_sizes_is_refused(shards, tmp_path):
+    """Batch sizes come from the experiment config; a JSON that sets them is refused, never silently overwritten."""
+    import json
+
+    from trainer.pretrain import main as pretrain_main
+
+    ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({**ds, "train_batch_size": 64, "gradient_accumulation_steps": 2}))
+    with pytest.raises(SystemExit) as e:
+        pretrain_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--deepspeed_config", str(bad),
+                       "--run-dir", str(tmp_path / "run"), "--set", f"data.sources=[{shards}]"])
+    msg = str(e.value)
+    assert msg.startswith(f"error: --deepspeed_config {bad} sets ['train_batch_size', 'gradient_accumulation_steps']")
+    assert "train_batch_size -> train.global_batch" in msg and "Remove them from the JSON" in msg
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bucket_prefix_without_a_shard_set(s3_server, shards):
     import fsspec
 

@@ -1,4 +1,5 @@
-"""trainer.core.diffusion and trainer.core.sampling: closed forms, exact DDIM trajectories, DDPM == DDIM(eta=1), losses, a training-free toy."""
+"""trainer.core.diffusion and trainer.core.sampling: closed forms, exact DDIM trajectories, DDPM == DDIM(eta=1),
+losses, a training-free toy."""
 import math
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 import torch
 
 from trainer.core.diffusion import alphas_cumprod, dsm_loss, make_betas, msm_loss, posterior_variance, q_sample
-from trainer.core.sampling import ddim_step, ddim_timesteps, ddpm_step, make_clip, sample
 from trainer.core.masking import gather_tokens, patchify, visible_indices
 from trainer.core.models import build_model
+from trainer.core.sampling import ddim_step, ddim_timesteps, ddpm_step, make_clip, sample
 
 EXACT = 1e-10  # float64 arithmetic on the same closed forms
 

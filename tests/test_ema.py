@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import REPO, free_port, launcher_env, run_launcher
-from trainer.train.ema import EMA
 from trainer.core.models import build_model
+from trainer.train.ema import EMA
 
 
 def test_update_formula_and_fp32_shadow():
@@ -41,8 +41,8 @@ def test_copy_to_and_state_round_trip():
 
 SCRIPT = r'''
 import argparse, os, torch, deepspeed
-from trainer.train.ema import EMA
 from trainer.core.models import build_model
+from trainer.train.ema import EMA
 p = argparse.ArgumentParser(); p.add_argument("--local_rank", type=int); p.add_argument("--out"); a = p.parse_args()
 deepspeed.init_distributed()
 for stage in (1, 3):  # one launch, two engines of their own, each from the same seed and data

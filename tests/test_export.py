@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.train.config import ExperimentConfig
 from trainer.core.diffusion import alphas_cumprod, make_betas
+from trainer.core.models import build_model
 from trainer.core.sampling import make_clip, sample
 from trainer.export import main as export_main
-from trainer.weights.publish import publish
-from trainer.core.models import build_model
+from trainer.train.config import ExperimentConfig
 from trainer.weights.load import load_model, load_pretrained, read_deepspeed
+from trainer.weights.publish import publish
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers import jpeg_shard_set
-from trainer.train.config import ExperimentConfig, parse_overrides
 from trainer.finetune import main as finetune_main
 from trainer.pretrain import main as pretrain_main
+from trainer.train.config import ExperimentConfig, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "configs" / "paper" / "README.md").read_text()

@@ -100,8 +100,8 @@ def test_init_weights_online_are_the_optimised_weights_and_ema_the_average(zero_
 
 
 def test_decay_groups():
-    from trainer.train.loop import param_groups
     from trainer.core.models import build_model
+    from trainer.train.loop import param_groups
 
     model = build_model("tiny", 3, 16, qv_bias=True)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -229,7 +229,7 @@ def samples_in(shards: Path) -> int:
 # --- runs and evaluations: the project's commands -----------------------------------------------------------------
 
 def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
+    return RunDir(run).read_metrics()
 
 
 class Study:
@@ -253,10 +253,11 @@ class Study:
     def _latest_step(self, run: Path) -> int:
         from trainer.train.checkpoints import COMPLETE, latest_tag
 
-        tag = latest_tag(run / "checkpoints") if (run / "checkpoints").is_dir() else None
+        ckpts = RunDir(run).checkpoints
+        tag = latest_tag(ckpts) if ckpts.is_dir() else None
         if tag is None:
             return 0
-        return json.loads((run / "checkpoints" / tag / COMPLETE).read_text())["step"]
+        return json.loads((ckpts / tag / COMPLETE).read_text())["step"]
 
     def train(self, name: str, script: str, sets: list[str], steps: int, ckpt_every: int,
               extra: list[str] = (), time_limit: float | None = None) -> dict:

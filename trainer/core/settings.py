@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, replace
 
-__all__ = ["INPUT_MODES", "MASK_KINDS", "SCHEDULES", "SAMPLERS", "CLIP_MODES", "ORDERS", "FID_IMPLS", "DTYPES", "EXPORT_DTYPES",
-           "PRESETS", "torch_dtype", "check_choice", "SamplingConfig"]
+__all__ = ["INPUT_MODES", "MASK_KINDS", "SCHEDULES", "SAMPLERS", "CLIP_MODES", "ORDERS", "FID_IMPLS", "DTYPES",
+           "EXPORT_DTYPES", "PRESETS", "torch_dtype", "check_choice", "SamplingConfig"]
 
 INPUT_MODES = ("dwt", "pixel")
 MASK_KINDS = ("patch", "block", "crop")
@@ -63,7 +63,7 @@ class SamplingConfig:
     (`trainer.core.sampling.image_generators`), so the same settings give the same images on any GPU count."""
     sampler: str = "ddim"
     steps: int = 250              # sampler steps, 1..1000 (trailing spacing)
-    eta: float = 1.0              # DDIM eta: 1 (DDPM-like, as the reference evaluates and the grids show); 0: deterministic
+    eta: float = 1.0              # DDIM eta: 1 (DDPM-like, as the reference evaluates); 0: deterministic
     clip_mode: str = "rederive"   # see CLIP_MODES
     n: int = 64                   # number of images
     seed: int = 0

@@ -33,11 +33,11 @@ from pipeline.credentials import credentials_guard, is_bucket
 from pipeline.reader import group_by_key, load_manifest, missing_manifest
 from pipeline.schema import MANIFEST, decode_dwt
 from pipeline.store import Store
-from trainer.data.bucket import (FSSPEC_SCHEMES, RETRIES, BadObjectError, ResumableObject, _fs_for, _retry_settings,
-                            _with_retries, credentials_message, is_credentials_error, is_transient,
-                            register_fsspec_schemes)
 from trainer.core.dwt import dwt2, normalize_bands
 from trainer.core.settings import INPUT_MODES
+from trainer.data.bucket import (FSSPEC_SCHEMES, RETRIES, BadObjectError, ResumableObject, _fs_for, _retry_settings,
+                                 _with_retries, credentials_message, is_credentials_error, is_transient,
+                                 register_fsspec_schemes)
 
 # The first eight are trainer.data.bucket's, re-exported (RETRIES is that module's Counter, not a copy).
 __all__ = ["FSSPEC_SCHEMES", "register_fsspec_schemes", "RETRIES", "ResumableObject", "BadObjectError",

@@ -29,7 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from trainer.core.settings import INPUT_MODES, ORDERS
 from trainer.data.shards import (RETRIES, SkipCounter, collate, decode_sample, group_samples, list_shards,
-                          register_fsspec_schemes)
+                                 register_fsspec_schemes)
 
 __all__ = ["StreamConfig", "StreamPosition", "ShardStream", "DataCounts"]
 

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from trainer.core.settings import FID_IMPLS
 from trainer.eval.swd import (SWDDescriptors, _check_images, laplacian_pyramid, sliced_wasserstein, swd, swd_images,
-                         swd_resolutions)
+                              swd_resolutions)
 
 __all__ = ["InceptionFeatures", "inception_weights_path", "resize_tf_bilinear", "resize_pytorch_fid",
            "pytorch_fid_state_dict", "pytorch_fid_inception", "FeatureStats", "frechet_distance",

@@ -314,7 +314,9 @@ def evaluate_model(ckpt: str, ref: ImageSource, sampling: SamplingConfig, metric
     model, cfg, meta = load_model(ckpt, device=device)
     run = RunDir.of_checkpoint(meta["checkpoint"]) if "://" not in ckpt and meta.get("kind") == "deepspeed" else None
     name = eval_name(meta.get("step"), sampling)
-    out = Path(out) if out else run.eval_dir(name) if run else Path("eval") / (Path(ckpt.rstrip("/")).stem or "model") / name
+    if out is None:
+        out = run.eval_dir(name) if run else Path("eval") / (Path(ckpt.rstrip("/")).stem or "model") / name
+    out = Path(out)
     sample_to_folder(model, cfg, out, sampling, batch=batch, dtype=torch_dtype(dtype), rank=rank, world=world,
                      progress=rank == 0)
     del model

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.data.stream import ShardStream, StreamConfig
 from trainer.train.checkpoints import checkpoint_world, plan_resume
 from trainer.train.config import ExperimentConfig, batch_arithmetic
-from trainer.data.stream import ShardStream, StreamConfig
+from trainer.train.rundir import RunDir
 
 __all__ = ["dry_run", "compute", "REFERENCE_V100_TFLOPS"]
 
@@ -152,7 +153,7 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
         if all(c is not None for c in counts) and counts:
             lines.append(f"samples per reader in an epoch: min {min(counts):,}, max {max(counts):,}")
 
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = RunDir(run_dir).checkpoints
     lines += ["", "# resume"]
     try:
         tag, universal = plan_resume(ckpt_dir, resume, world)
@@ -167,6 +168,6 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
                          f"its universal form {tag} (converted at start if missing); the data stream restarts")
         else:
             lines.append(f"loads {ckpt_dir / tag} and continues its data stream exactly")
-    lines.append(f"logs: {Path(run_dir) / 'metrics.jsonl'}; checkpoints every {t.ckpt_every} steps; samples every "
+    lines.append(f"logs: {RunDir(run_dir).metrics}; checkpoints every {t.ckpt_every} steps; samples every "
                  f"{t.sample_every}")
     return "\n".join(lines)
