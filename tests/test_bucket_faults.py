@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader
 from helpers import enable_auth, identity_tree
 from pipeline.reader import iter_samples
 from pipeline.shard import main as shard_main
-from trainer import bucket, data
+from trainer.data import bucket
+from trainer.data import shards as data
 from trainer.data.stream import ShardStream, StreamConfig
 
 BUCKET_SET = "s3://test-bucket/sets/a"

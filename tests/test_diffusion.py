@@ -179,13 +179,13 @@ def test_sample_is_seeded_and_runs_a_real_model():
     torch.manual_seed(0)
     model = build_model("tiny", 12, 16).eval()
     ab = alphas_cumprod(make_betas("cosine"))
-    run = lambda seed: sample(model, (2, 12, 16, 16), ab, steps=5, clip=make_clip("dwt"),  # noqa: E731
+    run = lambda seed: sample(model, (2, 12, 16, 16), ab, steps=5, eta=0.0, clip=make_clip("dwt"),  # noqa: E731
                               generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (2, 12, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
     assert a[:, :3].max() <= 3 and a[:, 3:].abs().max() <= 1  # the last step returns the clipped x0_hat
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample(model, (1, 12, 16, 16), ab, sampler="euler")
+        sample(model, (1, 12, 16, 16), ab, steps=5, eta=0.0, sampler="euler")
 
 
 def test_msm_loss_is_the_visible_patch_mse():

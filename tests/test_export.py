@@ -57,7 +57,7 @@ def metadata(path):
 
 def draw(model, cfg, seed=7):
     """4 images, 3 DDIM steps, from a seeded CPU generator."""
-    return sample(model, (4, 3, 16, 16), alphas_cumprod(make_betas(cfg.train.schedule)), steps=3,
+    return sample(model, (4, 3, 16, 16), alphas_cumprod(make_betas(cfg.train.schedule)), steps=3, eta=0.0,
                   clip=make_clip("pixel"), generator=torch.Generator().manual_seed(seed))
 
 

@@ -4,9 +4,8 @@ bucket (or any fsspec URL) so that readers never trust a half-uploaded model:
     python -m trainer.export RUN_DIR --out exports/vggface2-S/model.safetensors [--dtype fp16|fp32] [--tag TAG] \
         [--publish s3://bucket/models/vggface2-S] [--force]
 
-RUN_DIR is a training run directory, its checkpoints/ folder or one tag folder; the latest checkpoint unless --tag.
-Written beside --out: README.md (the model card) and NAME.safetensors.sha256. The file's metadata, the published
-layout and the upload order are described in trainer/weights/publish.py.
+What it reads and writes, the published layout and the upload order (trainer/weights/publish.py's docstring)
+follow in --help.
 """
 from __future__ import annotations
 
@@ -17,7 +16,10 @@ from trainer.core.settings import EXPORT_DTYPES
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer.export", description=__doc__,
+    from trainer.weights import publish as library
+
+    details = library.__doc__.split("\n\n", 1)[1]  # the metadata, the published layout, the upload order
+    p = argparse.ArgumentParser(prog="python -m trainer.export", description=f"{__doc__}\n{details}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="training run dir, its checkpoints/ folder or a tag folder")
     p.add_argument("--out", required=True, help="weights file NAME.safetensors (README.md, NAME.safetensors.sha256 "
@@ -27,13 +29,12 @@ def main(argv=None) -> None:
     p.add_argument("--publish", metavar="URL", help="upload to this folder or fsspec URL prefix (s3://bucket/NAME)")
     p.add_argument("--force", action="store_true", help="with --publish: upload even if URL holds the same content")
     args = p.parse_args(argv)
-    from trainer.weights.publish import export, publish
 
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    export(args.ckpt_dir, args.out, args.dtype, args.tag, args.publish, log=log)
+    library.export(args.ckpt_dir, args.out, args.dtype, args.tag, args.publish, log=log)
     if args.publish:
         with credentials_guard(args.publish):  # refused credentials: the bucket and what to set, no traceback
-            publish(args.out, args.publish, args.force, log=log)
+            library.publish(args.out, args.publish, args.force, log=log)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
             print(json.dumps({"init": args.init, "init_weights": which, "missing_keys": missing,
                               "unexpected_keys": unexpected}), flush=True)
 
-    resuming = args.resume != "none" and (RunDir(args.run_dir).checkpoints / "latest").exists()
+    resuming = args.resume != "none" and RunDir(args.run_dir).latest.exists()
     training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step,
                   time_limit=args.time_limit, init_model=None if resuming else init)
 

@@ -30,6 +30,7 @@ from pipeline.reader import iter_samples, load_manifest
 from pipeline.store import Store
 from pipeline.synthetic import synthetic_faces
 from trainer.core.images import save_grid
+from trainer.core.settings import SamplingConfig
 from trainer.train.distributed import build_cpu_comm_op
 from trainer.train.jobs import REPO, Stages, run_module
 from trainer.train.launch import has_cuda, launch
@@ -60,7 +61,8 @@ def make_shards(out: Path, n: int, seed: int = 0) -> Path:
         tmp.rename(src)  # only a complete source folder is reused by a second run
     shards = out / "shards"
     run_module("pipeline.shard", ["folder", "--src", src, "--out", shards, "--size", 32, "--no-dwt",
-                                  "--shard-size", 256], "sharding the synthetic faces")
+                                  "--shard-size", 256], f"error: sharding the synthetic faces in {src} failed; its "
+                                                        f"log is above")
     store = Store(str(shards))
     crops = []
     for entry in load_manifest(store)["shards"]:
@@ -73,8 +75,9 @@ def make_shards(out: Path, n: int, seed: int = 0) -> Path:
 
 
 def sample(ckpt: Path, out: Path, n: int, steps: int) -> np.ndarray:
-    run_module("trainer.sample", ["--ckpt", ckpt, "--num-images", n, "--steps", steps, "--sampler", "ddim", "--eta",
-                                  1.0, "--seed", 0, "--batch", n, "--out", out], f"sampling (model: {ckpt})")
+    sampling = SamplingConfig(steps=steps, eta=1.0, n=n, seed=0)  # DDIM eta 1, as the training grids
+    run_module("trainer.sample", ["--ckpt", ckpt, *sampling.to_args(), "--batch", n, "--out", out],
+               f"error: sampling failed; its log is above (model: {ckpt})")
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted((out / "images").glob("*.png"))[:n]])
     return images
 

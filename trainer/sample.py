@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else default_out(args.ckpt, meta)
     if rank == 0:
         print(f"sampling {args.n} images from {args.ckpt} (step {meta.get('step')}) into {out}", flush=True)
-    settings = {"ckpt": args.ckpt, "model_step": meta.get("step"), **sampling.to_dict()}
+    settings = {"ckpt": args.ckpt, "model_step": meta.get("step"), "n": sampling.n, "steps": sampling.steps,
+                "sampler": sampling.sampler, "eta": sampling.eta, "clip_mode": sampling.clip_mode, "seed": sampling.seed}
     record = out / "sample.json"
     old = {"clip_mode": "rederive", **json.loads(record.read_text())} if record.exists() else None  # older records
     if old is not None and {k: v for k, v in old.items() if k in settings} != settings:

@@ -81,6 +81,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.every < 1:
         raise SystemExit("error: --every must be >= 1")
+    try:  # the milestones' evaluation: DDIM, eta 1 (SamplingConfig's defaults)
+        sampling = SamplingConfig(n=args.eval_n, steps=args.eval_steps)
+    except ValueError as e:
+        raise SystemExit(f"error: --eval-n / --eval-steps: {e}") from None
     from trainer.train.cli import load
 
     run = RunDir(args.run_dir)
@@ -104,7 +108,7 @@ def main(argv=None) -> None:
         got = tag_step(latest_tag(run.checkpoints))
         if got != milestone:
             raise SystemExit(f"error: training ended at checkpoint step {got}, not the milestone {milestone}")
-    tag, sampling = step_tag(milestone), SamplingConfig(n=args.eval_n, steps=args.eval_steps)
+    tag = step_tag(milestone)
     if args.ref and not _evaluated(run, milestone, sampling):
         _run([sys.executable, "-m", "trainer.evaluate", "--ckpt", str(run.checkpoint(tag)), "--ref", args.ref,
               *sampling.to_args(), "--metrics", args.eval_metrics], f"evaluating {tag}")

@@ -346,11 +346,13 @@ class Study:
         s, ref = self.scale, self.sets["celeba-all"]
         common = ["--ref", ref, "--n", s.n, "--metrics", "fid,kid", "--batch", s.eval_batch]
         if fake is not None:
-            import torch
+            from trainer.train.distributed import distributed_context
 
             print(f"  $ python -m trainer.evaluate --fake {fake} {' '.join(map(str, common))}", flush=True)
+            t0 = time.time()
             result = compute_metrics(image_source(str(fake)), image_source(str(ref)), ("fid", "kid"), n=s.n,
-                                     batch=s.eval_batch, device="cuda" if torch.cuda.is_available() else "cpu")
+                                     batch=s.eval_batch, device=distributed_context()[2])
+            result["seconds"] = round(time.time() - t0, 1)
         else:
             print(f"  $ python -m trainer.evaluate --ckpt {ckpt} {' '.join(map(str, sampling.to_args()[2:] + common))}"
                   f" --out {out} --no-record", flush=True)

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer.core.settings import SCHEDULES
+from trainer.core.settings import DWT_WEIGHTINGS, SCHEDULES
 
 __all__ = ["make_betas", "alphas_cumprod", "posterior_variance", "q_sample", "predict_x0", "eps_from_x0",
            "band_parts", "msm_loss", "dsm_loss"]
@@ -108,7 +108,7 @@ def msm_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alph
     if weighting == "bands":
         return sum(F.mse_loss(p.float(), q.float()) for p, q in zip(band_parts(pred), band_parts(target)))
     if weighting != "uniform":
-        raise ValueError(f"unknown loss weighting {weighting!r}; choose uniform or bands")
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose {' or '.join(DWT_WEIGHTINGS)}")
     if isinstance(pred, tuple):  # split tokens: one mean over both sets' values
         return (sum((p.float() - q.float()).square().sum() for p, q in zip(pred, target))
                 / sum(p.numel() for p in pred))

@@ -115,7 +115,7 @@ def make_clip(mode: str | None, data_channels: int = 3) -> ClipFn | None:
 
 @torch.no_grad()
 def sample(eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
-           alphas_cumprod: torch.Tensor, *, sampler: str = "ddim", steps: int = 250, eta: float = 0.0,
+           alphas_cumprod: torch.Tensor, *, steps: int, eta: float, sampler: str = "ddim",
            clip: ClipFn | None = None, generator: Generators = None,
            device: torch.device | str = "cpu", progress: bool = False, clip_mode: str = "rederive") -> torch.Tensor:
     """Draw x_T ~ N(0, I) and denoise with `steps` sampler steps; eps_fn(x_t, t (B,) long) -> eps.

@@ -12,6 +12,7 @@ Registries (tuples of the accepted names; each module that implements one import
     FID_IMPLS    `trainer.eval.metrics`: the FID Inception protocol (TF-FID resize, or pytorch-fid's)
     DTYPES       names of the autocast / storage dtypes (`torch_dtype` turns one into a torch.dtype);
                  EXPORT_DTYPES those an exported model can store
+    DWT_TOKENS, DWT_WEIGHTINGS, DECAY_GROUPS   model.dwt_tokens, loss.dwt_weighting, optim.decay (trainer.train.config)
     PRESETS      U-ViT sizes (`trainer.core.models`); the paper's S/B/L and `tiny` for tests and the quickstart
 
 `SamplingConfig` is what a set of generated images depends on (sampler, steps, eta, clip mode, N, seed): the
@@ -23,7 +24,7 @@ import argparse
 from dataclasses import asdict, dataclass, replace
 
 __all__ = ["INPUT_MODES", "MASK_KINDS", "SCHEDULES", "SAMPLERS", "CLIP_MODES", "ORDERS", "FID_IMPLS", "DTYPES",
-           "EXPORT_DTYPES", "PRESETS", "torch_dtype", "check_choice", "SamplingConfig"]
+           "EXPORT_DTYPES", "DWT_TOKENS", "DWT_WEIGHTINGS", "DECAY_GROUPS", "PRESETS", "torch_dtype", "check_choice", "SamplingConfig"]
 
 INPUT_MODES = ("dwt", "pixel")
 MASK_KINDS = ("patch", "block", "crop")
@@ -34,6 +35,9 @@ ORDERS = ("resampled", "exact")
 FID_IMPLS = ("tf", "pytorch-fid")
 DTYPES = ("fp32", "fp16", "bf16")
 EXPORT_DTYPES = ("fp32", "fp16")   # what an exported model can store (`trainer.export --dtype`)
+DWT_TOKENS = ("joint", "split")          # model.dwt_tokens
+DWT_WEIGHTINGS = ("uniform", "bands")    # loss.dwt_weighting
+DECAY_GROUPS = ("matrices", "all")       # optim.decay
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, heads=4, depth=(1, 1, 1)),
@@ -108,9 +112,10 @@ class SamplingConfig:
         p.add_argument("--seed", type=int, default=d.seed)
 
     def to_args(self) -> list[str]:
-        """The flags that give these settings to `trainer.sample` / `trainer.evaluate` (for chained jobs)."""
-        return ["--n", str(self.n), "--steps", str(self.steps), "--sampler", self.sampler, "--eta", f"{self.eta:g}",
-                "--clip-mode", self.clip_mode, "--seed", str(self.seed)]
+        """The flags that give these settings to `trainer.sample` / `trainer.evaluate` (for chained jobs; the
+        number as --num-images, which a launcher does not take for one of its own flags)."""
+        return ["--num-images", str(self.n), "--steps", str(self.steps), "--sampler", self.sampler,
+                "--eta", f"{self.eta:g}", "--clip-mode", self.clip_mode, "--seed", str(self.seed)]
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, n: int | None = None) -> "SamplingConfig":

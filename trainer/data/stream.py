@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,8 +96,8 @@ class StreamPosition:
 
 class DataCounts:
     """Skipped samples and bucket retries of one rank, over all its DataLoader workers. Each batch carries its
-    worker's running totals (`skipped`: by reason, since the worker started; `retries`: by protocol, of the worker
-    process); the rank's figure is the sum of each worker's latest totals, and `totals()` is what the loop
+    worker's running totals since it started (`skipped`: by reason; `retries`: by protocol; retries of the main
+    process before the workers started, e.g. reading manifests, are not in them); the rank's figure is the sum of each worker's latest totals, and `totals()` is what the loop
     all-reduces into the run's figure."""
 
     def __init__(self):
@@ -240,6 +241,7 @@ class ShardStream(IterableDataset):
         slot, S = self.rank * self.W + logical, self.world * self.W
         c, skip = self.start.chunks.get(logical, (0, 0))
         skips, batch, empty = SkipCounter(), [], 0
+        inherited = Counter(RETRIES)  # a forked worker starts with its parent's count: report its own retries only
         unsized = self.rank == 0 and self.cfg.mode == "pixel" and any(sh.size is None for sh in self.all_shards)
         on_resize = _warn_once(self.cfg.resolution, self.cfg.sources) if unsized else None  # patterns: no manifest
         while True:
@@ -261,7 +263,7 @@ class ShardStream(IterableDataset):
                     out["pos"] = (logical, c, taken)
                     out["epoch"] = plan[2]
                     out["skipped"] = dict(skips.counts)
-                    out["retries"] = dict(RETRIES)  # bucket retries of this worker process so far
+                    out["retries"] = dict(RETRIES - inherited)  # bucket retries of this worker so far
                     yield out
                     batch = []
             empty = empty + 1 if taken == 0 and skip == 0 else 0

@@ -20,14 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from trainer.core.settings import INPUT_MODES, MASK_KINDS, ORDERS, PRESETS, SCHEDULES, SamplingConfig
+from trainer.core.settings import (DECAY_GROUPS, DWT_TOKENS, DWT_WEIGHTINGS, INPUT_MODES, MASK_KINDS, ORDERS, PRESETS,
+                                   SCHEDULES, SamplingConfig)
 
 __all__ = ["ModelConfig", "MaskConfig", "DataConfig", "OptimConfig", "LossConfig", "TrainConfig",
-           "ExperimentConfig", "parse_overrides", "batch_arithmetic", "DWT_TOKENS", "DECAY_GROUPS", "DWT_WEIGHTINGS"]
-
-DWT_TOKENS = ("joint", "split")
-DECAY_GROUPS = ("matrices", "all")
-DWT_WEIGHTINGS = ("uniform", "bands")
+           "ExperimentConfig", "parse_overrides", "batch_arithmetic"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +43,7 @@ class ModelConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r}: choose one of {list(PRESETS)}")
         if self.input not in INPUT_MODES:
-            raise ValueError(f"model.input {self.input!r}: choose one of {INPUT_MODES}")
+            raise ValueError(f"model.input {self.input!r}: choose {' or '.join(INPUT_MODES)}")
         if self.dwt_tokens not in DWT_TOKENS:
             raise ValueError(f"model.dwt_tokens {self.dwt_tokens!r}: choose one of {DWT_TOKENS}")
         if self.dwt_tokens == "split" and self.input != "dwt":

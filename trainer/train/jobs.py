@@ -1,6 +1,6 @@
-"""Jobs that chain the project's commands (`trainer.quickstart`, `experiments.transfer`): numbered stage banners
-with their elapsed times, and running one command (`python -m MODULE ...`) in a child process, its command line
-printed first, a failure ending the job with a message that names what failed.
+"""Jobs that chain the project's commands (`trainer.quickstart`): numbered stage banners with their elapsed times,
+and running one command (`python -m MODULE ...`) in a child process, its command line printed first, a failure
+ending the job with a message that says what failed. (`trainer/train/launch.py` starts the training commands.)
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def mmss(seconds: float) -> str:
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
-def run_module(module: str, args: list, what: str) -> None:
-    """`python -m MODULE ARGS` in the repository root; SystemExit naming `what` if it fails."""
+def run_module(module: str, args: list, failure: str) -> None:
+    """`python -m MODULE ARGS` in the repository root; SystemExit(`failure`) if it fails."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
     print(f"  $ python {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
-        raise SystemExit(f"error: {what} failed; its log is above")
+        raise SystemExit(failure)
 
 
 class Stages:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
 from trainer.core.masking import visible_indices
+from trainer.core.settings import DECAY_GROUPS
 from trainer.data.shards import to_model_input
 from trainer.data.stream import DataCounts, ShardStream, StreamConfig, StreamPosition
 from trainer.train.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune
@@ -53,7 +54,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matr
     if decay == "all":
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     if decay != "matrices":
-        raise ValueError(f"optim.decay {decay!r}: choose matrices or all")
+        raise ValueError(f"optim.decay {decay!r}: choose {' or '.join(DECAY_GROUPS)}")
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     matrices, rest = [], []
     for name, p in model.named_parameters():
@@ -63,17 +64,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matr
 
 def sample_grid(cfg: ExperimentConfig, ema: EMA, path: Path, device="cpu") -> Path:
     """The EMA weights' sample grid: `train.sampling` (DDIM, `train.sample_steps`, `train.sample_eta`,
-    `train.sample_n` images, seed 0) as one PNG, drawn on `device` (rank 0's GPU in training: on a CPU a large model
-    would keep the other ranks waiting for minutes)."""
-    from trainer.core.images import save_grid
-    from trainer.core.sampling import generate
+    `train.sample_n` images) from one generator seeded 0, as one PNG, drawn on `device` (rank 0's GPU in training:
+    on a CPU a large model would keep the other ranks waiting for minutes)."""
+    from trainer.core.images import save_grid, to_rgb_uint8
+    from trainer.core.sampling import make_clip, sample
 
-    model = cfg.model.build().eval()
+    m, s = cfg.model, cfg.train.sampling
+    model = m.build().eval()
     ema.copy_to(model)
     model.to(device)
-    images = generate(model, cfg, range(cfg.train.sample_n), cfg.train.sampling)
+    x = sample(model, (s.n, m.in_channels, m.model_size, m.model_size), alphas_cumprod(make_betas(cfg.train.schedule)),
+               sampler=s.sampler, steps=s.steps, eta=s.eta, clip=make_clip(m.input), clip_mode=s.clip_mode,
+               generator=torch.Generator().manual_seed(s.seed), device=device)
     del model
-    return save_grid(images, path)
+    return save_grid(to_rgb_uint8(x, m.input), path)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -134,9 +138,9 @@ class _Records:
         totals = torch.stack([loss_sum.float(), *(torch.tensor(float(x), device=self.device)
                                                   for x in (finite_n, *counts.totals()))])
         dist.all_reduce(totals)
-        loss, n, skipped, retries = totals.tolist()
-        record = {"step": step, "images": step * self.cfg.train.global_batch,
-                  "loss": loss / n if n else float("nan"), "lr": lr,
+        loss = (totals[0] / totals[1]).item() if totals[1] else float("nan")
+        skipped, retries = totals[2:].tolist()
+        record = {"step": step, "images": step * self.cfg.train.global_batch, "loss": loss, "lr": lr,
                   "img_per_s": (step - self.start_step) * self.cfg.train.global_batch / (time.time() - self.start),
                   "train_s": round(train_s, 2), "skipped_steps": skipped_steps,
                   "skipped_samples": int(skipped), "bucket_retries": int(retries)}
@@ -192,11 +196,10 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
     return step, client.get("train_s", 0.0), data_seed, position
 
 
-def _stop_nonfinite(save: Callable[[str], None], step: int, why: str) -> None:
-    """Save checkpoint nonfinite-stepN (all ranks) and stop the run saying `why`."""
-    tag = f"nonfinite-step{step:08d}"
-    save(tag)
-    raise SystemExit(f"{why}; checkpoint {tag} saved")
+def _stop_nonfinite(save: Callable[[str], None], step: int, message: str) -> None:
+    """Save checkpoint nonfinite-stepN (all ranks) and stop the run with `message`."""
+    save(f"nonfinite-step{step:08d}")
+    raise SystemExit(message)
 
 
 def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path, resume: str = "auto",
@@ -308,7 +311,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             if bad:
                 bad_step = True
                 if not engine.fp16_enabled():                           # nothing to skip it: stop, keep state
-                    _stop_nonfinite(save, step, f"non-finite loss at step {step} (weights from before the step)")
+                    _stop_nonfinite(save, step, f"non-finite loss at step {step}; checkpoint nonfinite-step{step:08d} "
+                                                f"saved (weights from before the step)")
             else:
                 loss_sum += loss.detach().float()
                 finite_n += 1
@@ -317,14 +321,14 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         step += 1
         if engine.was_step_applied():                                   # an fp16 overflow skips the EMA too
             if bad_step:  # cannot happen with DeepSpeed's overflow check; never train on a non-finite loss
-                _stop_nonfinite(save, step, f"step {step} was applied despite a non-finite loss")
+                _stop_nonfinite(save, step, f"step {step} was applied despite a non-finite loss; checkpoint saved")
             ema.update(engine.module)  # averages on every train.ema_every-th call (trainer/train/ema.py)
         else:
             skipped += 1
         nonfinite = nonfinite + 1 if bad_step else 0
         if nonfinite >= cfg.train.max_nonfinite:
-            _stop_nonfinite(save, step, f"{nonfinite} consecutive steps with a non-finite loss "
-                                        f"(train.max_nonfinite) up to step {step}")
+            _stop_nonfinite(save, step, f"{nonfinite} consecutive steps with a non-finite loss (train.max_nonfinite) "
+                                        f"up to step {step}; checkpoint nonfinite-step{step:08d} saved")
         if step % cfg.train.log_every == 0 or step == until or stopping:  # log (all ranks reduce)
             records.log_step(step, loss_sum, finite_n, skipped, counts, scheduler.get_last_lr()[0], train_s(),
                              optimizer.cur_scale if engine.fp16_enabled() else None)

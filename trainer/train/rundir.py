@@ -63,6 +63,11 @@ class RunDir:
         return self.checkpoints / tag
 
     @property
+    def latest(self) -> Path:
+        """DeepSpeed's `latest` file: the tag of the last checkpoint rank 0 saved (`latest_tag` checks it)."""
+        return self.checkpoints / "latest"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 

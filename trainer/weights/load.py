@@ -26,6 +26,7 @@ import torch
 
 from pipeline.credentials import credentials_guard
 from trainer.train.checkpoints import latest_tag
+from trainer.train.rundir import RunDir
 
 __all__ = ["load_pretrained", "apply_pretrained", "load_model", "read_weights", "read_deepspeed", "online_weights",
            "is_training_run", "WEIGHTS",
@@ -48,7 +49,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def _model_states(path: Path, tag: str | None) -> Path | None:
     """Rank 0's model-states file for a run dir / checkpoints dir / tag dir (the latest tag unless `tag`)."""
-    for ckpt in (path, path / "checkpoints"):
+    for ckpt in (path, RunDir(path).checkpoints):
         name = tag or latest_tag(ckpt)  # the newest complete checkpoint
         if name is not None and (ckpt / name).is_dir():
             path = ckpt / name
