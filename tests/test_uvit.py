@@ -7,8 +7,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import requires_cuda
 from trainer.core.masking import patchify, visible_indices
-from trainer.core.models import PRESETS, UViTConfig, build_model, flops_per_image
+from trainer.core.models import UViTConfig, build_model, flops_per_image
 from trainer.core.models.uvit import timestep_embedding
+from trainer.core.settings import PRESETS
 
 # fp32 CPU: masked and unmasked paths run the same ops on differently shaped tensors; the kernels may block
 # reductions differently, so allow a few ulps of the activations' scale.
