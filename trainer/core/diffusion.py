@@ -11,8 +11,10 @@ Schedules:
     cosine: alpha_bar(u) = cos^2(((u/T + s) / (1 + s)) * pi/2), s = 0.008,
             beta_t = min(1 - alpha_bar(t+1)/alpha_bar(t), 0.999)   (Nichol & Dhariwal 2021, eq. 17)
 Losses (one signature, `loss(model, x0, t, noise, alphas_cumprod, visible=None)`):
-    MSM (MaskDM, Lei et al. 2023): noise the FULL image, x_t = q_sample(x0, t, eps), drop the masked patches,
-        loss = mean over visible patches of ||eps_theta(x_t[visible], t) - eps[visible]||^2.
+    MSM (MaskDM, Lei et al. 2023): x_t = q_sample(x0, t, eps) with the masked patches dropped,
+        loss = mean over visible patches of ||eps_theta(x_t[visible], t) - eps[visible]||^2. q_sample acts per
+        element, so noising the visible patches only (what `msm_loss` does) equals noising the full image and
+        dropping the rest, at a tenth of the normals and arithmetic for a 90% mask.
     DSM (DDPM eq. 14, "simple" loss): the same with every patch visible.
 """
 from __future__ import annotations
@@ -94,17 +96,36 @@ def band_parts(x, data_channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return cells[..., :data_channels], cells[..., data_channels:]
 
 
-def msm_loss(model, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor,
-             visible: torch.Tensor | None = None, weighting: str = "uniform") -> torch.Tensor:
-    """Masked score matching: epsilon-MSE over the visible patches only (all patches when visible is None).
-    The noise is added to the full image before masking; the reduction is in fp32. Returns a scalar.
+def msm_loss(model, x0: torch.Tensor, t: torch.Tensor, noise, alphas_cumprod: torch.Tensor,
+             visible: torch.Tensor | None = None, weighting: str = "uniform",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Masked score matching: epsilon-MSE over the visible patches only (all patches when visible is None); the
+    reduction is in fp32. Returns a scalar. With `visible`, only what the model sees is computed: the visible
+    patches of x0 are gathered first and noised there (q_sample is per element, so this equals noising the full
+    image and dropping the masked patches). `noise`: full-image shaped (B, C, H, W) (its visible patches are
+    used), already in the visible tokens' layout (`model.token_targets`), or None to draw it from `generator` on
+    x0's device (in the tokens' layout: no normals for the dropped patches).
     `weighting` (config loss.dwt_weighting, DWT input): "uniform", one mean over every predicted value; "bands",
     mean over the cA values + mean over the detail values (the reference's DWT loss)."""
-    x_t = q_sample(x0, t, noise, alphas_cumprod)
-    if visible is not None:
+    def draw(like):
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
+
+    if visible is None:
+        noise = draw(x0) if noise is None else noise
+        x_in, target = q_sample(x0, t, noise, alphas_cumprod), noise
+    else:
         visible = visible.to(x0.device)
-    pred = model(x_t, t, visible=visible)
-    target = noise if visible is None else model.token_targets(noise, visible)  # (B, S, p*p*C) or a pair
+        x0_vis = model.token_targets(x0, visible)                       # (B, S, p*p*C) or a pair
+        pair = isinstance(x0_vis, tuple)
+        if noise is None:
+            target = tuple(map(draw, x0_vis)) if pair else draw(x0_vis)
+        elif not isinstance(noise, tuple) and noise.dim() == 4:       # a full-image draw: its visible patches
+            target = model.token_targets(noise, visible)
+        else:
+            target = noise
+        x_in = (tuple(q_sample(a, t, e, alphas_cumprod) for a, e in zip(x0_vis, target)) if pair
+                else q_sample(x0_vis, t, target, alphas_cumprod))
+    pred = model(x_in, t, visible=visible)
     if weighting == "bands":
         return sum(F.mse_loss(p.float(), q.float()) for p, q in zip(band_parts(pred), band_parts(target)))
     if weighting != "uniform":
