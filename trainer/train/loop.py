@@ -12,7 +12,13 @@ The loop body keeps the DeepSpeed calls in view; what surrounds them has a name:
 client state), `_stop_nonfinite` (the save-and-stop of a non-finite loss), `_Records` (metrics.jsonl, TensorBoard,
 the progress bar: `log_step` all-reduces the loss and the data counts of every rank's workers).
 
-Non-finite losses. All ranks agree on each micro-batch's loss being finite (one scalar all-reduce). With fp16
+Host syncs. t, the masks and the noise are drawn on the device from a per-rank device generator (its state is in
+the checkpoint), and the noise only for the visible patches (`msm_loss`). The loss sum and the non-finite count
+stay on the device; the one host read per optimiser step is the all-reduce of three flags (non-finite losses in
+the step, a stop signal, --time-limit) at its last micro-batch, after the backward and before `engine.step()`
+(before issue 14: one per micro-batch). A record reads its sums every `train.log_every` steps.
+
+Non-finite losses. All ranks agree, once per step, on whether a loss of the step was non-finite. With fp16
 dynamic loss scaling a non-finite loss is an overflow: DeepSpeed skips the step (and the loop the EMA), the loss
 scale drops, and only `train.max_nonfinite` consecutive such steps stop the run. Without a loss scaler (fp32,
 bf16) the first one stops it. Stopping saves a checkpoint `nonfinite-stepN` (weights from before the bad step).
@@ -85,7 +91,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 def _catch_stop_signals() -> tuple[list, dict]:
     """SIGTERM (Slurm's time limit, scancel, the DeepSpeed launcher stopping) and SIGUSR1 (`sbatch --signal=USR1@300`)
-    ask the loop to finish its step, save a checkpoint and stop; every rank learns of it at the next micro-batch
+    ask the loop to finish its step, save a checkpoint and stop; every rank learns of it at the end of the step
     (the flags all-reduce), so the collective save never deadlocks. Returns ([signal or None], old handlers)."""
     got: list = [None]
 
@@ -132,11 +138,11 @@ class _Records:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def log_step(self, step: int, loss_sum: torch.Tensor, finite_n: int, skipped_steps: int, counts: DataCounts,
-                 lr: float, train_s: float, loss_scale: float | None) -> None:
+    def log_step(self, step: int, loss_sum: torch.Tensor, finite_n: torch.Tensor, skipped_steps: int,
+                 counts: DataCounts, lr: float, train_s: float, loss_scale: float | None) -> None:
         """One training record (all ranks call this: the loss and the data counts are summed over ranks)."""
-        totals = torch.stack([loss_sum.float(), *(torch.tensor(float(x), device=self.device)
-                                                  for x in (finite_n, *counts.totals()))])
+        totals = torch.stack([loss_sum.float(), finite_n.float(),
+                              *(torch.tensor(float(x), device=self.device) for x in counts.totals())])
         dist.all_reduce(totals)
         loss = (totals[0] / totals[1]).item() if totals[1] else float("nan")
         skipped, retries = totals[2:].tolist()
@@ -184,7 +190,7 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
     data_seed, position = client.get("data_seed", cfg.train.seed), StreamPosition()
     if len(client["positions"]) == world:
         position = StreamPosition.from_state_dict(client["positions"][rank])
-        gen.set_state(client["rng"][rank])
+        _restore_rng(gen, client["rng"][rank], data_seed * 100_003 + rank, rank, log)
     else:
         data_seed = (cfg.train.seed * 1_000_003 + step) % 2**31
         gen.manual_seed(data_seed * 100_003 + rank)
@@ -194,6 +200,18 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
     if rank == 0:
         log(json.dumps({"resumed": path, "step": step, "universal": universal}))
     return step, client.get("train_s", 0.0), data_seed, position
+
+
+def _restore_rng(gen: torch.Generator, state, seed: int, rank: int, log) -> None:
+    """This rank's generator from its checkpointed state; a state of another device's generator (a checkpoint from
+    a CPU run resumed on GPUs, or one from before the generators moved to the device) reseeds it instead."""
+    try:
+        gen.set_state(torch.as_tensor(state).cpu())
+    except (RuntimeError, ValueError):
+        gen.manual_seed(seed)
+        if rank == 0:
+            log(json.dumps({"warning": f"the checkpoint's random state is not a {gen.device.type} generator's: t, "
+                                       f"noise and masks continue from a fresh seed"}))
 
 
 def _stop_nonfinite(save: Callable[[str], None], step: int, message: str) -> None:
@@ -242,10 +260,10 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                                                            lr_scheduler=scheduler, config=ds)
     ema = EMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup, every=cfg.train.ema_every,
               after=cfg.train.ema_update_after)
-    ab = alphas_cumprod(make_betas(cfg.train.schedule))
     device = torch.device(get_accelerator().device_name(engine.local_rank))
+    ab = alphas_cumprod(make_betas(cfg.train.schedule)).to(device)
     dtype = next(engine.module.parameters()).dtype
-    gen = torch.Generator().manual_seed(cfg.train.seed * 100_003 + rank)  # this rank's t, noise and masks
+    gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + rank)  # this rank's t, noise, masks
     step, trained_s, data_seed, position = 0, 0.0, cfg.train.seed, StreamPosition()
     if tag is not None:  # trained_s: training time of the earlier sessions of this run, --time-limit's clock
         step, trained_s, data_seed, position = _resume(engine, ema, gen, run, tag, resume, universal, cfg, rank,
@@ -281,42 +299,40 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     until = min(until_step or cfg.train.steps, cfg.train.steps)
     records = _Records(cfg, run, rank, step, until, device, log)
     mask, grid = cfg.mask, engine.module.cfg.grid
-    start, loss_sum = records.start, torch.zeros((), device=device)
+    start, loss_sum, finite_n = records.start, torch.zeros((), device=device), torch.zeros((), device=device)
     inject = {int(x) for x in os.environ.get("MASKDM_INJECT_NONFINITE", "").split(",") if x.strip()}
     stop_signal, previous_handlers = _catch_stop_signals()
     nonfinite = skipped = 0  # consecutive steps with a non-finite loss; steps skipped since the last record
-    finite_n = 0
     while step < until:
-        bad_step = False
+        bad = torch.zeros((), device=device)  # non-finite losses this step: summed on the device, read once
         for micro in range(accumulation):
             batch = next(batches)                                       # load
             position.update(batch)
             counts.update(batch)
             x0 = to_model_input(batch, m.input, device, dtype)         # (B, C, H, W)
             B = x0.shape[0]
-            t = torch.randint(0, len(ab), (B,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen).to(device, dtype)
+            t = torch.randint(0, len(ab), (B,), generator=gen, device=device)
             visible = (visible_indices(mask.kind, grid, mask.rate, B, mask.block, gen, sets=m.token_sets)
-                       if mask.rate > 0 else None)                      # mask: (B, S) visible tokens
-            loss = msm_loss(engine, x0, t.to(device), noise, ab, visible, cfg.loss.dwt_weighting)
+                       if mask.rate > 0 else None)                      # mask: (B, S) visible tokens, on the device
+            # loss: MSM, the noise drawn on the device for the visible patches only
+            loss = msm_loss(engine, x0, t, None, ab, visible, cfg.loss.dwt_weighting, generator=gen)
             if step in inject and rank == 0 and micro == 0:            # fault injection (tests)
                 loss = loss * float("inf")
-            out_of_time = time_limit is not None and train_s() >= time_limit
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),   # agreed by all ranks: one sync
-                                 torch.tensor(float(stop_signal[0] is not None), device=device),
-                                 torch.tensor(float(out_of_time), device=device)])
-            dist.all_reduce(flags)
-            bad, stopping, timed_out = flags.tolist()
-            stopping = stopping or timed_out
-            if bad:
-                bad_step = True
-                if not engine.fp16_enabled():                           # nothing to skip it: stop, keep state
+            finite = torch.isfinite(loss.detach())
+            bad += ~finite
+            loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+            finite_n += finite
+            engine.backward(loss)  # fp16: a non-finite loss makes non-finite gradients; the scaler skips the step
+            if micro == accumulation - 1:  # the step boundary: one agreement of all ranks, one host read per step
+                out_of_time = time_limit is not None and train_s() >= time_limit
+                host = torch.tensor([float(stop_signal[0] is not None), float(out_of_time)])
+                flags = torch.cat([bad.float().view(1), host.to(device, non_blocking=True)])
+                dist.all_reduce(flags)
+                bad_n, stopping, timed_out = flags.tolist()
+                stopping, bad_step = stopping or timed_out, bad_n > 0
+                if bad_step and not engine.fp16_enabled():              # nothing to skip it: stop, keep state
                     _stop_nonfinite(save, step, f"non-finite loss at step {step}; checkpoint nonfinite-step{step:08d} "
                                                 f"saved (weights from before the step)")
-            else:
-                loss_sum += loss.detach().float()
-                finite_n += 1
-            engine.backward(loss)  # fp16: a non-finite loss makes non-finite gradients; the scaler skips the step
             engine.step()
         step += 1
         if engine.was_step_applied():                                   # an fp16 overflow skips the EMA too
@@ -333,7 +349,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             records.log_step(step, loss_sum, finite_n, skipped, counts, scheduler.get_last_lr()[0], train_s(),
                              optimizer.cur_scale if engine.fp16_enabled() else None)
             loss_sum.zero_()
-            finite_n = skipped = 0
+            finite_n.zero_()
+            skipped = 0
         records.bar.update(1)
         if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
             records.grid(step, sample_grid(cfg, ema, run.grid(step), device=device))
