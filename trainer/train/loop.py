@@ -51,7 +51,7 @@ from trainer.train.distributed import announce_cpu_comm_build, init_distributed_
 from trainer.train.ema import EMA
 from trainer.train.rundir import RunDir, step_tag
 
-__all__ = ["training_loop", "param_groups"]
+__all__ = ["training_loop", "param_groups", "Phases"]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
@@ -202,6 +202,45 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
     return step, client.get("train_s", 0.0), data_seed, position
 
 
+class Phases:
+    """Where a run's time goes, for `bench/trainer_overhead.py`: `training_loop(..., phases=Phases(device))` adds
+    the wall time of each phase of each micro-batch (data wait, host prep, H2D, forward, backward, step) and of each
+    optimiser step (EMA, logging) to `totals`, synchronising the device at each boundary so that a phase's kernels
+    are counted in it (which slows the run: take end-to-end rates from a run with `detail=False`, whose marks only
+    record when each step ended). Without a `Phases` the loop's marks cost nothing."""
+
+    NAMES = ("data", "prep", "h2d", "forward", "backward", "step", "ema", "log")
+
+    def __init__(self, device, detail: bool = True):
+        self.device, self.detail = torch.device(device), detail
+        self.totals = dict.fromkeys(self.NAMES, 0.0)
+        self.step_ends: list[float] = []
+        self._t = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def mark(self, name: str) -> None:
+        if self.detail:
+            self._sync()
+            now = time.perf_counter()
+            self.totals[name] += now - self._t
+            self._t = now
+
+    def step_end(self) -> None:
+        self.mark("log")
+        self.step_ends.append(time.perf_counter())
+
+
+class _NoPhases:
+    def mark(self, name: str) -> None:
+        pass
+
+    def step_end(self) -> None:
+        pass
+
+
 def _restore_rng(gen: torch.Generator, state, seed: int, rank: int, log) -> None:
     """This rank's generator from its checkpointed state; a state of another device's generator (a checkpoint from
     a CPU run resumed on GPUs, or one from before the generators moved to the device) reseeds it instead."""
@@ -222,7 +261,7 @@ def _stop_nonfinite(save: Callable[[str], None], step: int, message: str) -> Non
 
 def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path, resume: str = "auto",
                   until_step: int | None = None, time_limit: float | None = None, init_model=None,
-                  log=print) -> dict:
+                  log=print, phases: Phases | None = None) -> dict:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -303,17 +342,22 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     inject = {int(x) for x in os.environ.get("MASKDM_INJECT_NONFINITE", "").split(",") if x.strip()}
     stop_signal, previous_handlers = _catch_stop_signals()
     nonfinite = skipped = 0  # consecutive steps with a non-finite loss; steps skipped since the last record
+    ph = phases or _NoPhases()  # bench/trainer_overhead.py's breakdown; no-ops otherwise
     while step < until:
         bad = torch.zeros((), device=device)  # non-finite losses this step: summed on the device, read once
         for micro in range(accumulation):
             batch = next(batches)                                       # load
+            ph.mark("data")
             position.update(batch)
             counts.update(batch)
+            ph.mark("prep")
             x0 = to_model_input(batch, m.input, device, dtype)         # (B, C, H, W)
+            ph.mark("h2d")
             B = x0.shape[0]
             t = torch.randint(0, len(ab), (B,), generator=gen, device=device)
             visible = (visible_indices(mask.kind, grid, mask.rate, B, mask.block, gen, sets=m.token_sets)
                        if mask.rate > 0 else None)                      # mask: (B, S) visible tokens, on the device
+            ph.mark("prep")
             # loss: MSM, the noise drawn on the device for the visible patches only
             loss = msm_loss(engine, x0, t, None, ab, visible, cfg.loss.dwt_weighting, generator=gen)
             if step in inject and rank == 0 and micro == 0:            # fault injection (tests)
@@ -322,7 +366,9 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             bad += ~finite
             loss_sum += torch.where(finite, loss.detach().float(), 0.0)
             finite_n += finite
+            ph.mark("forward")
             engine.backward(loss)  # fp16: a non-finite loss makes non-finite gradients; the scaler skips the step
+            ph.mark("backward")
             if micro == accumulation - 1:  # the step boundary: one agreement of all ranks, one host read per step
                 out_of_time = time_limit is not None and train_s() >= time_limit
                 host = torch.tensor([float(stop_signal[0] is not None), float(out_of_time)])
@@ -334,6 +380,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                     _stop_nonfinite(save, step, f"non-finite loss at step {step}; checkpoint nonfinite-step{step:08d} "
                                                 f"saved (weights from before the step)")
             engine.step()
+            ph.mark("step")
         step += 1
         if engine.was_step_applied():                                   # an fp16 overflow skips the EMA too
             if bad_step:  # cannot happen with DeepSpeed's overflow check; never train on a non-finite loss
@@ -341,6 +388,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             ema.update(engine.module)  # averages on every train.ema_every-th call (trainer/train/ema.py)
         else:
             skipped += 1
+        ph.mark("ema")
         nonfinite = nonfinite + 1 if bad_step else 0
         if nonfinite >= cfg.train.max_nonfinite:
             _stop_nonfinite(save, step, f"{nonfinite} consecutive steps with a non-finite loss (train.max_nonfinite) "
@@ -352,6 +400,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             finite_n.zero_()
             skipped = 0
         records.bar.update(1)
+        ph.step_end()
         if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
             records.grid(step, sample_grid(cfg, ema, run.grid(step), device=device))
         if step % cfg.train.ckpt_every == 0 or step == until or stopping:  # checkpoint (also to stop: a signal on
