@@ -34,6 +34,7 @@ class ModelConfig:
     image_size: int = 256         # side of the training images in pixels
     patch_size: int = 4
     grad_checkpoint: bool = False
+    compile: bool = False         # torch.compile of the model in training (DeepSpeed's engine.compile: same weight names)
     # DWT input only. "joint" (ours): one token per 4x4 patch of all 12 bands (1024 tokens at 256 px); "split" (the
     # reference): cA and the 9 detail bands are two token sets of their own, masked independently (2048 tokens)
     dwt_tokens: str = "joint"

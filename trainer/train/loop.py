@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
-from trainer.core.masking import visible_indices
+from trainer.core.masking import num_visible, visible_indices
+from trainer.core.models import attention_kernel
 from trainer.core.settings import DECAY_GROUPS
 from trainer.data.shards import to_model_input
 from trainer.data.stream import DataCounts, ShardStream, StreamConfig, StreamPosition
@@ -288,20 +289,30 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     # --- model, optimiser, engine, EMA ----------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     m = cfg.model
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
     model = m.build(grad_checkpoint=m.grad_checkpoint)
     if init_model is not None:
         init_model(model)  # fine-tuning: load pre-trained weights before the engine takes the model
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay, cfg.optim.decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas)
+    fused = device.type == "cuda"  # torch's fused AdamW kernel: one launch for all parameters, not one per tensor
+    optimizer = torch.optim.AdamW(param_groups(model.to(device), cfg.optim.weight_decay, cfg.optim.decay),
+                                  lr=cfg.optim.lr, betas=cfg.optim.betas, fused=fused)
     warmup = max(1, cfg.optim.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                            lr_scheduler=scheduler, config=ds)
+    if m.compile:  # torch.compile in place: the module keeps its parameter names (checkpoints, exports)
+        engine.compile()
     ema = EMA(engine.module, cfg.train.ema_decay, warmup=cfg.train.ema_warmup, every=cfg.train.ema_every,
               after=cfg.train.ema_update_after)
-    device = torch.device(get_accelerator().device_name(engine.local_rank))
     ab = alphas_cumprod(make_betas(cfg.train.schedule)).to(device)
     dtype = next(engine.module.parameters()).dtype
+    if rank == 0:  # the attention kernel this model gets here, and a warning when it is the slow math one
+        ucfg, k = engine.module.cfg, cfg.mask
+        amp = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else dtype
+        seen = num_visible(k.kind, ucfg.grid, k.rate, k.block) * m.token_sets if k.rate > 0 else None
+        kernel, warning = attention_kernel(ucfg, amp, device, seen)
+        log(json.dumps({"attention": kernel, "head_dim": ucfg.dim // ucfg.heads, "fused_adamw": fused,
+                        "compiled": m.compile, **({"warning": warning} if warning else {})}))
     gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + rank)  # this rank's t, noise, masks
     step, trained_s, data_seed, position = 0, 0.0, cfg.train.seed, StreamPosition()
     if tag is not None:  # trained_s: training time of the earlier sessions of this run, --time-limit's clock

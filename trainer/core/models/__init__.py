@@ -4,10 +4,10 @@ Presets are the paper's sizes (see `uvit.py` for their parameter counts) plus `t
 quickstart. Any `UViTConfig` field can be overridden, e.g. `build_model("S", 3, 64, depth=(1, 1, 1))`."""
 from __future__ import annotations
 
-from trainer.core.models.uvit import UViT, UViTConfig, flops_per_image
+from trainer.core.models.uvit import UViT, UViTConfig, attention_kernel, flops_per_image
 from trainer.core.settings import PRESETS
 
-__all__ = ["build_model", "UViT", "UViTConfig", "flops_per_image"]
+__all__ = ["build_model", "UViT", "UViTConfig", "flops_per_image", "attention_kernel"]
 
 
 

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer.core.masking import gather_tokens, patchify, unpatchify
 
-__all__ = ["UViTConfig", "UViT", "timestep_embedding", "flops_per_image"]
+__all__ = ["UViTConfig", "UViT", "timestep_embedding", "flops_per_image", "attention_kernel"]
 
 
 @dataclass(frozen=True)
@@ -300,3 +300,23 @@ def flops_per_image(cfg: UViTConfig, n_visible: int | None = None) -> int:
     if cfg.mlp_time_embed:
         total += 2 * (D * 4 * D) * 2
     return total
+
+
+def attention_kernel(cfg: UViTConfig, dtype: torch.dtype, device, tokens: int | None = None) -> tuple[str, str | None]:
+    """(the kernel `scaled_dot_product_attention` picks for this model's attention on `device` in `dtype`, a
+    warning or None): FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH. On a GPU the math kernel
+    materialises the (L x L) attention matrix per head: the warning says what forces it."""
+    device = torch.device(device)
+    head_dim, L = cfg.dim // cfg.heads, 1 + (tokens or cfg.num_tokens)
+    q = torch.zeros(1, cfg.heads, L, head_dim, dtype=dtype, device=device)
+    choice = int(torch._fused_sdp_choice(q, q, q))
+    name = next((k for k, v in torch.nn.attention.SDPBackend.__members__.items() if int(v.value) == choice), str(choice))
+    warning = None
+    if device.type == "cuda" and name == "MATH":
+        why = [f"head dim {head_dim} (flash and memory-efficient kernels need a multiple of 8, at most 256)"
+               if head_dim % 8 or head_dim > 256 else None,
+               f"dtype {str(dtype).removeprefix('torch.')} (flash attention needs fp16 or bf16)"
+               if dtype not in (torch.float16, torch.bfloat16) else None]
+        warning = (f"attention runs PyTorch's math kernel ({'; '.join(w for w in why if w) or 'this GPU or build'}): "
+                   f"it stores the {L}x{L} attention matrix of every head and is several times slower")
+    return name, warning
