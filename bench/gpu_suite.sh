@@ -28,6 +28,9 @@ if ! skip train_step; then
   stage "bare model step: S/B/L x fp16/bf16 x mask 0/0.5/0.7/0.9 (img/s, ratio to unmasked, memory, MFU)"
   python bench/train_step.py --device cuda --dtype fp16 bf16 --presets S B L --batch 32 --steps 5 --repeats 3 \
     | tee "$OUT/train_step.md"
+  stage "activation checkpointing: memory saved vs time lost (B, bf16)"
+  python bench/train_step.py --device cuda --dtype bf16 --presets B --batch 32 --steps 5 --repeats 3 \
+    --grad-checkpoint both | tee "$OUT/grad_checkpoint.md"
 fi
 
 if ! skip trainer_overhead; then

@@ -96,7 +96,8 @@ class DataConfig:
     sources: tuple[str, ...] = ()  # shard sets: folders or URLs with manifest.json, brace patterns
     weights: tuple[float, ...] | None = None  # mixing weights, one per source
     order: str = "resampled"      # "resampled" (pre-training) or "exact" (epochs: fine-tuning, evaluation)
-    workers: int = 4              # DataLoader workers per rank
+    workers: int = 4              # DataLoader workers per rank (how many keep a GPU fed: bench/loader_throughput.py)
+    prefetch: int = 2             # micro-batches each worker keeps ready (DataLoader prefetch_factor; workers > 0)
     buffer: int = 1000
     shards_per_chunk: int = 4
     flip: bool = True
@@ -107,6 +108,9 @@ class DataConfig:
             object.__setattr__(self, "weights", tuple(self.weights))
         if self.order not in ORDERS:
             raise ValueError(f"data.order {self.order!r}: choose one of {ORDERS}")
+        if self.workers < 0 or self.prefetch < 1:
+            raise ValueError(f"data.workers {self.workers} / data.prefetch {self.prefetch}: workers >= 0 (0: load in "
+                             f"the training process), prefetch >= 1")
 
 
 @dataclass(frozen=True)

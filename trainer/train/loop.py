@@ -328,7 +328,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                          f"or shard the images at --size {m.image_size}")
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0,
-                        worker_init_fn=_ignore_stop_signals)
+                        prefetch_factor=cfg.data.prefetch if cfg.data.workers > 0 else None,
+                        worker_init_fn=_ignore_stop_signals)  # pinned batches: to_model_input copies non-blocking
     batches, counts = iter(loader), DataCounts()
 
     def train_s() -> float:  # training time summed over this run's sessions (set-up and loading excluded)
