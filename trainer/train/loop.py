@@ -191,7 +191,8 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
     data_seed, position = client.get("data_seed", cfg.train.seed), StreamPosition()
     if len(client["positions"]) == world:
         position = StreamPosition.from_state_dict(client["positions"][rank])
-        _restore_rng(gen, client["rng"][rank], data_seed * 100_003 + rank, rank, log)
+        _restore_rng(gen, client["rng"][rank], ((cfg.train.seed * 1_000_003 + step) % 2**31) * 100_003 + rank, rank,
+                     log)
     else:
         data_seed = (cfg.train.seed * 1_000_003 + step) % 2**31
         gen.manual_seed(data_seed * 100_003 + rank)
