@@ -9,7 +9,7 @@ joint (ours): one token per 4x4 cell of all 12 bands, 1024 tokens at 256 px. spl
 detail bands as two token sets of 1024 each, masked independently at the same rate, 2048 tokens. Both see the same
 images, steps and noise; masks are patch masks (the reference's DWT run) at --rates. The two variants take turns
 within each repeat so machine noise hits both alike; the table gives the median step time and the split/joint
-ratios. FLOPs: `trainer.models.flops_per_image` (matmuls and attention, 2 per multiply-add; checked against
+ratios. FLOPs: `trainer.core.models.flops_per_image` (matmuls and attention, 2 per multiply-add; checked against
 torch's FlopCounterMode in tests/test_uvit.py); a training step is ~3x the forward.
 """
 from __future__ import annotations
@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
-from trainer.masking import visible_indices
-from trainer.models import build_model, flops_per_image
+from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
+from trainer.core.masking import visible_indices
+from trainer.core.models import build_model, flops_per_image
 
 
 def main() -> None:

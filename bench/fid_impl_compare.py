@@ -11,7 +11,7 @@ only by the Inception-side resize to 299 and the input scaling. --size 0: the JP
 (native sizes; tf then centre-crops and bicubic-resizes the reference to the fake side, pytorch-fid stretches every
 image to 299 x 299).
 
-Rows: FID(lfw, celeba_a) and FID(celeba_b, celeba_a) through `trainer.evaluate.compute_metrics(..., fid_impl=)`,
+Rows: FID(lfw, celeba_a) and FID(celeba_b, celeba_a) through `trainer.eval.protocol.compute_metrics(..., fid_impl=)`,
 the evaluator's own path (folder reading, reference cache). celeba_a is the reference of both rows: its features are
 computed in the first row of each protocol and read from the cache in the second (so that row's seconds are the
 fake set's features only). Inception forwards: 3 N per protocol.
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from trainer.evaluate import compute_metrics, image_source
-from trainer.metrics import FID_IMPLS
+from trainer.eval.metrics import FID_IMPLS
+from trainer.eval.protocol import compute_metrics, image_source
 
 REPO = Path(__file__).resolve().parents[1]
 

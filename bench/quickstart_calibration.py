@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
-from trainer.masking import visible_indices
-from trainer.models import build_model
+from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
+from trainer.core.masking import visible_indices
+from trainer.core.models import build_model
 
 # name: (patch size, UViTConfig overrides)
 CANDIDATES = {

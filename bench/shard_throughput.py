@@ -3,7 +3,7 @@ naive one, in the same run, one process each (images/s per core).
 
     python bench/shard_throughput.py [--n 200]
 
-project: `pipeline.shard.write_shard` — JPEG decoded at reduced size by libjpeg's DCT scaling, LANCZOS only if
+project: `pipeline.tarwriter.write_shard` — JPEG decoded at reduced size by libjpeg's DCT scaling, LANCZOS only if
          the scaled decode is not already at the target size, numpy Haar DWT, pre-encoded JPEG bytes (quality 95,
          4:4:4) in a deterministic tar.
 naive:   full-size decode + Pillow LANCZOS resize + pywt.dwt2 per channel + webdataset.ShardWriter fed PIL objects.
@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.shard import ShardConfig, write_shard
+from pipeline.plan import ShardConfig
 from pipeline.sources import folder_items
 from pipeline.synthetic import synthetic_faces
+from pipeline.tarwriter import write_shard
 
 
 def make_corpus(root: Path, n: int, seed: int = 0) -> list[Path]:

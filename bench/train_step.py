@@ -11,7 +11,7 @@ alike; the table reports the median. Columns:
 - img/s: images per second per device; `vs rate 0`: its ratio to the unmasked step of the same preset/dtype.
 - act MB: bytes the forward saves for backward, weights excluded (activations; saved-tensor hooks, any device).
 - peak MB: CUDA only, torch.cuda.max_memory_allocated over the timed steps (weights, grads, AdamW state included).
-- TFLOP/s and MFU: 3 x forward FLOPs of the visible tokens (trainer.models.flops_per_image) per second, over the
+- TFLOP/s and MFU: 3 x forward FLOPs of the visible tokens (trainer.core.models.flops_per_image) per second, over the
   GPU's dense fp16/bf16 peak (a table of known GPUs, or --peak-tflops).
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ import time
 import torch
 
 from model_flops import DTYPES, SETTINGS, device_name  # bench/ is the script's folder
-from trainer.diffusion import alphas_cumprod, make_betas, msm_loss
-from trainer.masking import visible_indices
-from trainer.models import build_model, flops_per_image
+from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
+from trainer.core.masking import visible_indices
+from trainer.core.models import build_model, flops_per_image
 
 SIDES = {**SETTINGS, "tiny": (3, 64)}
 RATES = (0.0, 0.5, 0.7, 0.9)
@@ -58,10 +58,10 @@ def saved_bytes(fn, model: torch.nn.Module) -> int:
 
 
 class Case:
-    def __init__(self, preset, dtype, batch, rate, device, seed=0):
+    def __init__(self, preset, dtype, batch, rate, device, seed=0, grad_checkpoint=False):
         channels, size = SIDES[preset]
         torch.manual_seed(seed)
-        self.model = build_model(preset, channels, size).to(device)
+        self.model = build_model(preset, channels, size, grad_checkpoint=grad_checkpoint).to(device)
         self.dtype, self.device = dtype, device
         fused = device.type == "cuda"
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused)
@@ -95,9 +95,9 @@ class Case:
         return (time.perf_counter() - start) / steps
 
 
-def run(preset, dtype_name, args, device, peak) -> None:
+def run(preset, dtype_name, args, device, peak, grad_checkpoint=False) -> None:
     dtype = DTYPES[dtype_name]
-    cases = {rate: Case(preset, dtype, args.batch, rate, device) for rate in RATES}
+    cases = {rate: Case(preset, dtype, args.batch, rate, device, grad_checkpoint=grad_checkpoint) for rate in RATES}
     act = {}
     for rate, c in cases.items():
         act[rate] = saved_bytes(c.loss, c.model) / 2**20
@@ -118,7 +118,8 @@ def run(preset, dtype_name, args, device, peak) -> None:
         ips = args.batch / sec
         tflops = 3 * flops_per_image(c.model.cfg, c.tokens) * ips / 1e12
         channels, size = SIDES[preset]
-        print(f"| {preset} | {channels}x{size}x{size} | {dtype_name} | {rate:.1f} | {c.tokens} | {ips:.2f} | "
+        print(f"| {preset}{' (ckpt)' if grad_checkpoint else ''} | {channels}x{size}x{size} | {dtype_name} | "
+              f"{rate:.1f} | {c.tokens} | {ips:.2f} | "
               f"{base / sec:.2f}x | {act[rate]:.0f} | "
               f"{f'{peaks[rate]:.0f}' if rate in peaks else '-'} | {tflops:.2f} | "
               f"{f'{100 * tflops / peak:.1f}%' if peak and dtype != torch.float32 else '-'} |")
@@ -136,6 +137,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--peak-tflops", type=float, help="the device's dense fp16/bf16 peak, for MFU")
+    p.add_argument("--grad-checkpoint", choices=("off", "on", "both"), default="off",
+                   help="activation checkpointing per block (model.grad_checkpoint): both prints each preset twice, "
+                        "the memory saved (act MB, peak MB) against the time lost (img/s)")
     args = p.parse_args()
     device = torch.device(args.device)
     peak = peak_tflops(device, args.peak_tflops)
@@ -143,9 +147,11 @@ def main() -> None:
           f"median of {args.repeats} x {args.steps} steps" + (f", peak {peak} TFLOP/s" if peak else ""))
     print("| preset | input | dtype | mask | tokens | img/s | vs rate 0 | act MB | peak MB | TFLOP/s | MFU |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.grad_checkpoint]
     for preset in args.presets:
         for dtype_name in args.dtype:
-            run(preset, dtype_name, args, device, peak)
+            for gc in modes:
+                run(preset, dtype_name, args, device, peak, gc)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.schema import shard_name
-from pipeline.shard import PLAN, _complete, write_manifest
+from pipeline.manifest import write_manifest
+from pipeline.plan import PLAN, complete, planned_names
 from pipeline.store import Store
 
 
@@ -22,8 +22,7 @@ def main(argv=None) -> None:
     if manifest is None:
         store = Store(a.out)
         plan = store.read_json(PLAN)
-        missing = [shard_name(plan["config"]["name"], s) for s in range(plan["shards"])
-                   if _complete(store, shard_name(plan["config"]["name"], s)) is None]
+        missing = [name for name in planned_names(plan) if complete(store, name) is None]
         print(f"error: {len(missing)} of {plan['shards']} shards are not complete yet (e.g. {missing[:3]}); "
               f"run the missing --part jobs again, then merge", file=sys.stderr)
         sys.exit(1)

@@ -1,21 +1,21 @@
 """Read a shard set back (local folder or fsspec URL): the manifest, and the samples of each shard in order.
 
-Used by verify and preview; the trainer's streaming loader (trainer/data.py) reads the same format through
-webdataset. Members are grouped by key the way webdataset does: key = member name up to the first dot of its
-base name (keys never contain dots, see pipeline.schema)."""
+Used by verify and preview; the trainer's streaming loader reads the same format through webdataset. Members are
+grouped by key the way webdataset does (`group_by_key`, shared with the trainer's stream): key = member name up to
+the first dot of its base name (keys never contain dots, see pipeline.schema)."""
 from __future__ import annotations
 
 import hashlib
 import io
 import tarfile
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from pipeline.credentials import credentials_guard
 from pipeline.schema import MANIFEST
 from pipeline.sources import IMAGE_EXTS
 from pipeline.store import Store
 
-__all__ = ["load_manifest", "missing_manifest", "iter_samples", "split_member"]
+__all__ = ["load_manifest", "missing_manifest", "iter_samples", "group_by_key", "split_member", "sha256"]
 
 
 def load_manifest(store: Store) -> dict:
@@ -74,22 +74,26 @@ def split_member(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
-def iter_samples(data: bytes) -> Iterator[dict]:
-    """Samples of one tar (as bytes): dicts {'__key__': key, ext: bytes, ...}, in tar order."""
+def group_by_key(members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
+    """(member name, bytes) pairs in tar order -> samples {'__key__': key, ext: bytes, ...}: consecutive members
+    with the same key (`split_member`) make one sample, as the pipeline writes a sample's members together."""
     current: dict | None = None
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member(member.name)
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = tar.extractfile(member).read()
+    for name, data in members:
+        key, ext = split_member(name)
+        if current is not None and current["__key__"] != key:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": key}
+        current[ext] = data
     if current is not None:
         yield current
+
+
+def iter_samples(data: bytes) -> Iterator[dict]:
+    """Samples of one tar (as bytes): dicts {'__key__': key, ext: bytes, ...}, in tar order."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        yield from group_by_key((m.name, tar.extractfile(m).read()) for m in tar if m.isfile())
 
 
 def sha256(data: bytes) -> str:

@@ -62,7 +62,7 @@ RENDEZVOUS_ERRORS = ("Address already in use", "EADDRINUSE", "Connection refused
 def release_shm(port) -> None:
     """Remove the /dev/shm buffers DeepSpeed's CPU all-reduce leaves behind for this master port (~69 MB per rank;
     killed or failed runs never free them, and a full /dev/shm ends in the OOM killer)."""
-    from trainer.loop import release_shm as release
+    from trainer.train.distributed import release_shm as release
 
     release(port)
 
@@ -317,8 +317,8 @@ def enable_auth(server) -> dict:
 
 def fake_run(root: Path, input_mode: str = "pixel") -> Path:
     """A run directory as the training loop leaves it (rank 0's model states with the EMA and the config)."""
-    from trainer.config import ExperimentConfig
-    from trainer.models import build_model
+    from trainer.core.models import build_model
+    from trainer.train.config import ExperimentConfig
 
     cfg = ExperimentConfig.from_dict({
         "model": {"preset": "tiny", "input": input_mode, "image_size": 16, "patch_size": 4,

@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader
 from helpers import enable_auth, identity_tree
 from pipeline.reader import iter_samples
 from pipeline.shard import main as shard_main
-from trainer import bucket, data
-from trainer.stream import ShardStream, StreamConfig
+from trainer.data import bucket
+from trainer.data import shards as data
+from trainer.data.stream import ShardStream, StreamConfig
 
 BUCKET_SET = "s3://test-bucket/sets/a"
 
@@ -176,7 +177,7 @@ def test_endpoint_outage_mid_stream_is_retried_and_loses_nothing(local_set, s3_p
     cfg = config()
     reference = take(cfg, 12)  # 24 samples: one epoch
     before = retries()
-    caplog.set_level("WARNING", logger="trainer.bucket")  # the retry warnings
+    caplog.set_level("WARNING", logger="trainer.data.bucket")  # the retry warnings
     it = iter(loader(cfg))
     got = [next(it)]  # 2 samples out, 3 more in the shuffle buffer: both shards of chunk 0 are half read
     thread = outage(s3_proxy, local_set, lambda: retries() > before)
@@ -202,7 +203,7 @@ def test_endpoint_outage_met_by_worker_processes(local_set, s3_proxy, fast_retri
     stream = ShardStream(cfg, 0, 1, 2)
     reference = take(cfg, 12, workers=2, stream=stream)
     handler = logging.FileHandler(tmp_path / "workers.log")  # forked workers write their warnings here too
-    logging.getLogger("trainer.bucket").addHandler(handler)
+    logging.getLogger("trainer.data.bucket").addHandler(handler)
     try:
         it = iter(loader(cfg, workers=2, stream=stream, timeout=120))  # a stuck worker fails instead of hanging
         got = [next(it)]
@@ -211,7 +212,7 @@ def test_endpoint_outage_met_by_worker_processes(local_set, s3_proxy, fast_retri
         thread.join()
         del it  # stop the workers
     finally:
-        logging.getLogger("trainer.bucket").removeHandler(handler)
+        logging.getLogger("trainer.data.bucket").removeHandler(handler)
         handler.close()
     assert not thread.failures, thread.failures
     assert_same_batches(got, reference)
@@ -254,7 +255,7 @@ def test_truncated_shard_is_counted_and_skipped(local_set, s3_server, fast_retri
     member = tarfile.open(fileobj=io.BytesIO(full)).getmembers()[4]  # a member of the 2nd sample
     at = member.offset if cut == "header" else member.offset_data + 100
     fsspec.filesystem("s3", skip_instance_cache=True).pipe(f"{BUCKET_SET.split('://', 1)[1]}/{bad}", full[:at])
-    caplog.set_level("WARNING", logger="trainer.data")
+    caplog.set_level("WARNING", logger="trainer.data.shards")
     before = retries()
     epoch0, _ = one_epoch(cfg)
     per_shard = shard_keys(local_set)
@@ -278,7 +279,7 @@ def test_missing_shard_is_counted_with_its_url(local_set, s3_server, fast_retrie
     order = ShardStream(cfg).assignment(0)["shards"]
     gone = order[2]
     fsspec.filesystem("s3", skip_instance_cache=True).rm(f"{BUCKET_SET.split('://', 1)[1]}/{gone}")
-    caplog.set_level("WARNING", logger="trainer.data")
+    caplog.set_level("WARNING", logger="trainer.data.shards")
     before = retries()
     epoch0, first_of_next = one_epoch(cfg)
     per_shard = shard_keys(local_set)
@@ -400,8 +401,8 @@ def test_error_classification():
 
 
 def test_data_reexports_the_bucket_names():
-    """trainer.data's bucket names are trainer.bucket's own objects: RETRIES (which trainer.stream reads through
-    trainer.data) is one Counter, not a copy."""
+    """trainer.data.shards's bucket names are trainer.data.bucket's own objects: RETRIES (which trainer.data.stream reads through
+    trainer.data.shards) is one Counter, not a copy."""
     assert data.RETRIES is bucket.RETRIES
     assert set(bucket.__all__) <= set(data.__all__)
     assert [n for n in bucket.__all__ if getattr(data, n) is not getattr(bucket, n)] == []

@@ -1,8 +1,8 @@
-"""Choosing the checkpoint to resume from (trainer/checkpoints.py), without launching DeepSpeed."""
+"""Choosing the checkpoint to resume from (trainer/train/checkpoints.py), without launching DeepSpeed."""
 import pytest
 
 from helpers import fake_checkpoint
-from trainer.checkpoints import checkpoint_world, latest_tag, mark_complete, plan_resume, prune
+from trainer.train.checkpoints import checkpoint_world, latest_tag, mark_complete, plan_resume, prune
 
 
 def test_plan_resume(tmp_path):

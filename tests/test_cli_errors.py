@@ -105,10 +105,28 @@ def test_training_on_what_is_not_a_shard_set_says_which_case(shards, tmp_path, c
         assert not (tmp_path / "run").exists()  # refused before training_loop made the run directory
 
 
+def test_a_deepspeed_json_that_sets_batch_sizes_is_refused(shards, tmp_path):
+    """Batch sizes come from the experiment config; a JSON that sets them is refused, never silently overwritten."""
+    import json
+
+    from trainer.pretrain import main as pretrain_main
+
+    ds = json.loads((REPO / "ds_configs" / "cpu_fp32.json").read_text())
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({**ds, "train_batch_size": 64, "gradient_accumulation_steps": 2}))
+    with pytest.raises(SystemExit) as e:
+        pretrain_main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--deepspeed_config", str(bad),
+                       "--run-dir", str(tmp_path / "run"), "--set", f"data.sources=[{shards}]"])
+    msg = str(e.value)
+    assert msg.startswith(f"error: --deepspeed_config {bad} sets ['train_batch_size', 'gradient_accumulation_steps']")
+    assert "train_batch_size -> train.global_batch" in msg and "Remove them from the JSON" in msg
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bucket_prefix_without_a_shard_set(s3_server, shards):
     import fsspec
 
-    from trainer.data import check_sources
+    from trainer.data.shards import check_sources
 
     fsspec.filesystem("s3", skip_instance_cache=True).put(str(shards.parent / "src"), "test-bucket/images",
                                                           recursive=True)
@@ -143,13 +161,13 @@ def test_model_card_sampling_command_runs_as_written(tmp_path, monkeypatch, caps
 # --- pixel mode on shards of another size: one warning, not silence, not one per sample ------------------------------
 
 def test_pixel_mode_resize_warns_once_with_both_sizes(shards, caplog):
-    from trainer.stream import ShardStream, StreamConfig
+    from trainer.data.stream import ShardStream, StreamConfig
 
     def batches(source, rank=0, n=4):
         stream = ShardStream(StreamConfig((source,), mode="pixel", resolution=8, batch_size=2, buffer=4), rank, 2)
         got = list(itertools.islice(iter(stream), n))
         assert got[0]["img"].shape == (2, 3, 8, 8)
-        return [r.getMessage() for r in caplog.records if r.name == "trainer.stream"]
+        return [r.getMessage() for r in caplog.records if r.name == "trainer.data.stream"]
 
     with caplog.at_level(logging.WARNING):
         warnings = batches(str(shards))  # 8 samples resized, one warning (from the manifest, at construction)
@@ -162,4 +180,4 @@ def test_pixel_mode_resize_warns_once_with_both_sizes(shards, caplog):
         caplog.clear()
         stream = ShardStream(StreamConfig((str(shards),), mode="pixel", resolution=16, batch_size=2, buffer=4))
         next(iter(stream))
-        assert [r for r in caplog.records if r.name == "trainer.stream"] == []  # same size: nothing to say
+        assert [r for r in caplog.records if r.name == "trainer.data.stream"] == []  # same size: nothing to say

@@ -1,10 +1,10 @@
-"""trainer.config: the shipped configs load, bad keys are named, batch arithmetic, ds_configs hold no batch/LR."""
+"""trainer.train.config: the shipped configs load, bad keys are named, batch arithmetic, ds_configs hold no batch/LR."""
 import json
 from pathlib import Path
 
 import pytest
 
-from trainer.config import ExperimentConfig, batch_arithmetic
+from trainer.train.config import ExperimentConfig, batch_arithmetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,10 +62,10 @@ def test_ds_configs_hold_no_batch_or_lr(path):
 # --- values: coerced to the field's type, from --set and YAML files alike; errors name the flag or the file --------
 
 def load_with(*sets: str, config=REPO / "configs" / "quickstart.yaml"):
-    from trainer.pretrain import load, parse
+    from trainer.train.cli import load, parse
 
     args = parse(["--config", str(config), "--deepspeed_config", str(REPO / "ds_configs" / "zero2_fp16.json"),
-                  "--run-dir", "unused", *[x for s in sets for x in ("--set", s)]])
+                  "--run-dir", "unused", *[x for s in sets for x in ("--set", s)]], "pretrain")
     return load(args)[0]
 
 

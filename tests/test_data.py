@@ -1,4 +1,4 @@
-"""trainer.data (part 1): shard lists, bucket access through webdataset, decoding, flips, device batching."""
+"""trainer.data.shards (part 1): shard lists, bucket access through webdataset, decoding, flips, device batching."""
 import pytest
 import torch
 import webdataset as wds
@@ -6,9 +6,9 @@ from webdataset.tariterators import tar_file_iterator
 
 from helpers import identity_tree
 from pipeline.shard import main as shard_main
-from trainer.data import (SkipCounter, collate, decode_sample, flip_dwt, group_samples, list_shards,
-                          register_fsspec_schemes, to_model_input)
-from trainer.dwt import dwt2
+from trainer.core.dwt import dwt2
+from trainer.data.shards import (SkipCounter, collate, decode_sample, flip_dwt, group_samples, list_shards,
+                                 register_fsspec_schemes, to_model_input)
 
 # Stored float16 bands vs the DWT of the decoded JPEG (quality 95, 4:4:4): measured on real faces at most 0.09
 # per coefficient and 0.005 on average (docs/performance.md); the model input normalises cA by 2.

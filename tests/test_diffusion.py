@@ -1,14 +1,15 @@
-"""trainer.diffusion: closed forms, exact DDIM trajectories, DDPM == DDIM(eta=1), losses, a training-free toy."""
+"""trainer.core.diffusion and trainer.core.sampling: closed forms, exact DDIM trajectories, DDPM == DDIM(eta=1),
+losses, a training-free toy."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from trainer.diffusion import (alphas_cumprod, ddim_step, ddim_timesteps, ddpm_step, dsm_loss, make_betas,
-                               make_clip, msm_loss, posterior_variance, q_sample, sample)
-from trainer.masking import gather_tokens, patchify, visible_indices
-from trainer.models import build_model
+from trainer.core.diffusion import alphas_cumprod, dsm_loss, make_betas, msm_loss, posterior_variance, q_sample
+from trainer.core.masking import gather_tokens, patchify, visible_indices
+from trainer.core.models import build_model
+from trainer.core.sampling import ddim_step, ddim_timesteps, ddpm_step, make_clip, sample
 
 EXACT = 1e-10  # float64 arithmetic on the same closed forms
 
@@ -178,13 +179,13 @@ def test_sample_is_seeded_and_runs_a_real_model():
     torch.manual_seed(0)
     model = build_model("tiny", 12, 16).eval()
     ab = alphas_cumprod(make_betas("cosine"))
-    run = lambda seed: sample(model, (2, 12, 16, 16), ab, steps=5, clip=make_clip("dwt"),  # noqa: E731
+    run = lambda seed: sample(model, (2, 12, 16, 16), ab, steps=5, eta=0.0, clip=make_clip("dwt"),  # noqa: E731
                               generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     assert a.shape == (2, 12, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
     assert a[:, :3].max() <= 3 and a[:, 3:].abs().max() <= 1  # the last step returns the clipped x0_hat
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample(model, (1, 12, 16, 16), ab, sampler="euler")
+        sample(model, (1, 12, 16, 16), ab, steps=5, eta=0.0, sampler="euler")
 
 
 def test_msm_loss_is_the_visible_patch_mse():
@@ -259,3 +260,43 @@ def test_bands_weighting_is_mean_ca_plus_mean_details():
     assert torch.allclose(bands[0], 3 * bands[1]) and torch.allclose(uniform[0], uniform[1])
     with pytest.raises(ValueError, match="weighting"):
         msm_loss(Const(ca_off), zero, t, noise, ab, None, "per-band")
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_noise_drawn_for_the_visible_patches_only_has_the_old_distribution(split):
+    """The loop draws the noise for the visible tokens only (msm_loss(noise=None, generator=...)); before, it drew
+    it for the full image and dropped the masked patches. Same model, x0, t and mask: the losses of 400 draws of
+    each way come from one distribution (two-sample Kolmogorov-Smirnov), and the drawn tokens are N(0, 1)."""
+    from scipy import stats
+
+    torch.manual_seed(0)
+    C, split_bands = (12, 3) if split else (3, 0)
+    model = build_model("tiny", C, 16, split_bands=split_bands).eval()
+    ab = alphas_cumprod(make_betas("cosine"))
+    x0, t = torch.randn(4, C, 16, 16), torch.tensor([10, 300, 600, 990])
+    visible = visible_indices("block", 4, 0.5, 4, block=2, generator=torch.Generator().manual_seed(1),
+                              sets=2 if split else 1)
+    new_gen, old_gen = torch.Generator().manual_seed(2), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        new = [msm_loss(model, x0, t, None, ab, visible, generator=new_gen).item() for _ in range(400)]
+        old = [msm_loss(model, x0, t, torch.randn(x0.shape, generator=old_gen), ab, visible).item()
+               for _ in range(400)]
+    assert stats.ks_2samp(new, old).pvalue > 1e-3
+    drawn = []
+
+    class Recorder(torch.nn.Module):  # what the model is given
+        def token_targets(self, x, visible):
+            return model.token_targets(x, visible)
+
+        def forward(self, x, t, visible=None):
+            drawn.append(x)
+            return model(x, t, visible=visible)
+
+    zero = torch.zeros_like(x0)
+    ab_one = torch.zeros_like(ab)  # alpha_bar = 0: x_t is the noise itself
+    with torch.no_grad():
+        msm_loss(Recorder(), zero, t, None, ab_one, visible, generator=torch.Generator().manual_seed(5))
+    given, visible_x0 = drawn[0], model.token_targets(x0, visible)
+    values = torch.cat([d.flatten() for d in (given if split else (given,))])
+    assert values.numel() == sum(x.numel() for x in (visible_x0 if split else (visible_x0,)))  # visible only
+    assert stats.kstest(values.numpy(), "norm").pvalue > 1e-3

@@ -93,8 +93,8 @@ def test_a_source_that_is_not_a_shard_set_says_what_it_is(capsys, shards, tmp_pa
 def test_compute_estimate_reproduces_the_reference_baseline_rate():
     """The reference's DDPM baseline (L, split DWT tokens, 940k steps at batch 16) took 120 h on 8 V100s; the dry
     run's default rate is derived from it, so the estimate must give back those 40 GPU-days."""
-    from trainer.config import ExperimentConfig
-    from trainer.dryrun import compute
+    from trainer.train.config import ExperimentConfig
+    from trainer.train.dryrun import compute
 
     cfg = ExperimentConfig.from_dict({"model": {"preset": "L", "input": "dwt", "image_size": 256, "dwt_tokens": "split"},
                                       "mask": {"rate": 0.0}, "train": {"steps": 940_000, "global_batch": 16}})

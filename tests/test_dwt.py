@@ -1,11 +1,11 @@
-"""trainer.dwt against PyWavelets' dwt2(..., 'haar'), on hand-computed, random and real images."""
+"""trainer.core.dwt against PyWavelets' dwt2(..., 'haar'), on hand-computed, random and real images."""
 import numpy as np
 import pytest
 import pywt
 import torch
 
 from helpers import requires_cuda
-from trainer.dwt import clip_bands, denormalize_bands, dwt2, idwt2, normalize_bands
+from trainer.core.dwt import clip_bands, denormalize_bands, dwt2, idwt2, normalize_bands
 
 FP32_TOL = 1e-5  # the issue's bound for fp32 against pywt (fp64); observed errors are ~1e-7
 

@@ -1,4 +1,4 @@
-"""trainer.ema: the update formula in fp32 (also for an fp16 module), copy back, state round trip; and the same
+"""trainer.train.ema: the update formula in fp32 (also for an fp16 module), copy back, state round trip; and the same
 EMA under ZeRO-1 and ZeRO-3 with the real DeepSpeed launcher on CPU (2 ranks)."""
 import sys
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from helpers import REPO, free_port, launcher_env, run_launcher
-from trainer.ema import EMA
-from trainer.models import build_model
+from trainer.core.models import build_model
+from trainer.train.ema import EMA
 
 
 def test_update_formula_and_fp32_shadow():
@@ -41,8 +41,8 @@ def test_copy_to_and_state_round_trip():
 
 SCRIPT = r'''
 import argparse, os, torch, deepspeed
-from trainer.ema import EMA
-from trainer.models import build_model
+from trainer.core.models import build_model
+from trainer.train.ema import EMA
 p = argparse.ArgumentParser(); p.add_argument("--local_rank", type=int); p.add_argument("--out"); a = p.parse_args()
 deepspeed.init_distributed()
 for stage in (1, 3):  # one launch, two engines of their own, each from the same seed and data
@@ -66,7 +66,7 @@ for stage in (1, 3):  # one launch, two engines of their own, each from the same
     if engine.global_rank == 0:
         torch.save(ema.state_dict(), f"{a.out}/ema{stage}.pt")
     engine.destroy()
-# as trainer/loop.py does: a gloo thread still in the last collective at interpreter shutdown can abort the rank
+# as trainer/train/loop.py does: a gloo thread still in the last collective at interpreter shutdown can abort the rank
 # with "terminate called without an active exception" (exit -6); tear the group down first
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()

@@ -110,7 +110,7 @@ def test_fid_impl_is_recorded_keys_the_cache_and_feeds_reference_images_as_loade
     tf resizes them to the fakes' 32 px first, pytorch-fid feeds the decoded files as they are (its cached
     reference statistics equal the features of the files read with PIL alone); each mode has its own cache."""
     from pipeline.synthetic import synthetic_faces
-    from trainer import metrics as M
+    from trainer.eval import metrics as M
 
     ref, fake = tmp_path / "ref", tmp_path / "fake"
     (ref / "CelebA-HQ-img").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""trainer.export and the loaders of trainer.weights: a 2-rank ZeRO-3 run on CPU (real launcher) exported in fp32
+"""trainer.export and the loaders of trainer.weights.load: a 2-rank ZeRO-3 run on CPU (real launcher) exported in fp32
 and fp16, published to a real S3 endpoint (moto), loaded back by path and by URL. The samples of one seed are
 bit-identical whether the weights come from the DeepSpeed checkpoint, the fp32 export or the published URL."""
 import hashlib
@@ -12,12 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from trainer.config import ExperimentConfig
-from trainer.diffusion import alphas_cumprod, make_betas, make_clip, sample
+from trainer.core.diffusion import alphas_cumprod, make_betas
+from trainer.core.models import build_model
+from trainer.core.sampling import make_clip, sample
 from trainer.export import main as export_main
-from trainer.export import publish
-from trainer.models import build_model
-from trainer.weights import load_model, load_pretrained, read_deepspeed
+from trainer.train.config import ExperimentConfig
+from trainer.weights.load import load_model, load_pretrained, read_deepspeed
+from trainer.weights.publish import publish
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +57,7 @@ def metadata(path):
 
 def draw(model, cfg, seed=7):
     """4 images, 3 DDIM steps, from a seeded CPU generator."""
-    return sample(model, (4, 3, 16, 16), alphas_cumprod(make_betas(cfg.train.schedule)), steps=3,
+    return sample(model, (4, 3, 16, 16), alphas_cumprod(make_betas(cfg.train.schedule)), steps=3, eta=0.0,
                   clip=make_clip("pixel"), generator=torch.Generator().manual_seed(seed))
 
 

@@ -1,10 +1,10 @@
-"""trainer.masking: exact visible counts, block alignment, crop contiguity, determinism, token helpers."""
+"""trainer.core.masking: exact visible counts, block alignment, crop contiguity, determinism, token helpers."""
 import math
 
 import pytest
 import torch
 
-from trainer.masking import MASK_KINDS, gather_tokens, num_visible, patchify, unpatchify, visible_indices
+from trainer.core.masking import MASK_KINDS, gather_tokens, num_visible, patchify, unpatchify, visible_indices
 
 
 def gen(seed=0):

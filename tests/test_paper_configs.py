@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers import jpeg_shard_set
-from trainer.config import ExperimentConfig, parse_overrides
 from trainer.finetune import main as finetune_main
 from trainer.pretrain import main as pretrain_main
+from trainer.train.config import ExperimentConfig, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "configs" / "paper" / "README.md").read_text()
@@ -137,7 +137,7 @@ def test_every_experiment_has_a_cost_row_and_the_anchor_is_the_measurement():
 
 def test_key_factor_masks_match_the_reference_counts():
     """Masked patches of 256 per run, as the reference's generators produce them (its configs/ablation/msm)."""
-    from trainer.masking import num_visible
+    from trainer.core.masking import num_visible
 
     reference = {("patch", 0.1, 4): 25, ("patch", 0.5, 4): 128, ("patch", 0.9, 4): 230,
                  ("block", 0.1, 2): 24, ("block", 0.5, 2): 128, ("block", 0.9, 2): 228,
@@ -156,7 +156,7 @@ def test_key_factor_masks_match_the_reference_counts():
 
 
 def test_the_dwt_split_model_is_the_papers_size():
-    from trainer.dryrun import compute
+    from trainer.train.dryrun import compute
 
     cfg = ExperimentConfig.from_yaml(REPO / "configs" / "paper" / "celebahq256_L_dwt_pretrain.yaml")
     c = compute(cfg)

@@ -11,10 +11,10 @@ from PIL import Image
 from helpers import SHARED_DATA, bad_inputs, celebahq_tree, identity_tree, jpeg_bytes, vggface2_tree
 from pipeline import merge, preview, verify
 from pipeline.imaging import face_square, haar_dwt_f16, process_image
-from pipeline.synthetic import synthetic_faces
 from pipeline.reader import iter_samples
 from pipeline.schema import decode_dwt, encode_key
 from pipeline.shard import main as shard_main
+from pipeline.synthetic import synthetic_faces
 
 
 def shard(*args):

@@ -9,8 +9,8 @@ from PIL import Image
 
 from pipeline.synthetic import synthetic_faces
 from trainer import quickstart
-from trainer.dwt import dwt2, normalize_bands
-from trainer.images import save_grid, to_rgb_uint8
+from trainer.core.dwt import dwt2, normalize_bands
+from trainer.core.images import save_grid, to_rgb_uint8
 
 
 def test_synthetic_faces_are_deterministic():

@@ -30,7 +30,7 @@ def schedule(cfg, dsc, run, ref, *extra):
 def test_two_invocations_publish_two_milestones(tmp_path, train_shards, s3_server):
     import fsspec
 
-    from trainer.weights import load_model
+    from trainer.weights.load import load_model
 
     cfg, dsc = write_config(tmp_path, train_shards, steps=4, ckpt_every=100, stage=2)
     shards = shutil.copytree(train_shards, tmp_path / "ref")  # the reference set (evaluate writes its cache there)

@@ -1,8 +1,9 @@
-"""pipeline.schema: key encoding (webdataset-safe, reversible, unique) and the dwt.f16 codec."""
+"""pipeline.schema: key encoding (webdataset-safe, reversible, unique) and the dwt.f16 codec; how readers group
+members into samples."""
 import numpy as np
 import pytest
 
-from pipeline.reader import split_member
+from pipeline.reader import group_by_key, split_member
 from pipeline.schema import decode_dwt, decode_key, encode_dwt, encode_key
 
 
@@ -32,3 +33,14 @@ def test_dwt_codec_roundtrip_and_size_check():
     assert np.array_equal(decode_dwt(data, size=8), bands.astype("<f2"))
     with pytest.raises(ValueError, match="expected"):
         decode_dwt(data, size=256)
+
+
+def test_group_by_key_groups_consecutive_members():
+    members = [("a.jpg", b"1"), ("a.dwt.f16", b"2"), ("a.json", b"3"), ("d/b.jpg", b"4"), ("d/b.cls", b"5"),
+               ("a.jpg", b"6")]  # a key seen again later is a new sample: grouping follows tar order
+    assert list(group_by_key(members)) == [
+        {"__key__": "a", "jpg": b"1", "dwt.f16": b"2", "json": b"3"},
+        {"__key__": "d/b", "jpg": b"4", "cls": b"5"},
+        {"__key__": "a", "jpg": b"6"},
+    ]
+    assert list(group_by_key([])) == []

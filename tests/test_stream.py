@@ -1,4 +1,4 @@
-"""trainer.stream: exact epochs across ranks x workers, determinism, mixing weights, exact resume."""
+"""trainer.data.stream: exact epochs across ranks x workers, determinism, mixing weights, exact resume."""
 import itertools
 import json
 from collections import Counter, defaultdict
@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from helpers import identity_tree
 from pipeline.shard import main as shard_main
-from trainer.stream import ShardStream, StreamConfig, StreamPosition
+from trainer.data.stream import ShardStream, StreamConfig, StreamPosition
 
 
 @pytest.fixture(scope="module")

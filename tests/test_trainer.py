@@ -85,7 +85,7 @@ def test_finetune_from_a_pretrained_run(tmp_path, zero_run):
 
 
 def test_init_weights_online_are_the_optimised_weights_and_ema_the_average(zero_run):
-    from trainer.weights import is_training_run, load_pretrained
+    from trainer.weights.load import is_training_run, load_pretrained
 
     pre = zero_run(2)
     tag = (pre.run / "checkpoints" / "latest").read_text().strip()
@@ -100,8 +100,8 @@ def test_init_weights_online_are_the_optimised_weights_and_ema_the_average(zero_
 
 
 def test_decay_groups():
-    from trainer.loop import param_groups
-    from trainer.models import build_model
+    from trainer.core.models import build_model
+    from trainer.train.loop import param_groups
 
     model = build_model("tiny", 3, 16, qv_bias=True)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -126,7 +126,7 @@ def fp32_weights(run_dir, tag):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, zero_run, stage):
-    from trainer.models import build_model
+    from trainer.core.models import build_model
 
     z = zero_run(stage)
     run = tmp_path / "run"
@@ -230,3 +230,35 @@ def test_reference_dwt_settings_train_and_sample(tmp_path, train_shards):
     r = launch_script("pretrain.py", cfg, dsc, tmp_path / "wrong", "--set", "model.image_size=32", check=False,
                       num_gpus=1)
     assert r.returncode != 0 and "holds 16 px crops" in r.stdout + r.stderr and "model.image_size" in r.stdout
+
+
+def test_skipped_samples_are_summed_over_workers_and_ranks(tmp_path, train_shards):
+    """4 shards (one per slot: 2 ranks x 2 workers), each starting with 2 corrupt samples before 4 good ones; with
+    micro-batches of 4 every worker's first batch has counted its 2 corrupt samples. Step 1 sees worker 0 of each
+    rank (2 x 2 = 4 skipped), step 2 worker 1 too (8): the run's figure, not rank 0's last batch (2)."""
+    import io
+    import tarfile
+
+    src, bad = sorted(Path(train_shards).glob("*.tar"))[:4], tmp_path / "bad"
+    bad.mkdir()
+    for i, shard in enumerate(src):
+        with tarfile.open(shard) as tin, tarfile.open(bad / f"bad-{i:06d}.tar", "w") as tout:
+            for k in range(2):  # corrupt samples first: the tar order is the read order (buffer 1, one shard a chunk)
+                data = b"not a jpeg"
+                info = tarfile.TarInfo(f"000corrupt{i}{k}.jpg")
+                info.size = len(data)
+                tout.addfile(info, io.BytesIO(data))
+            for member in tin:
+                tout.addfile(member, tin.extractfile(member))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"""name: test
+model: {{preset: tiny, input: pixel, image_size: 16, patch_size: 4, overrides: {{dim: 32, heads: 2}}}}
+mask: {{kind: block, rate: 0.5, block: 2}}
+data: {{sources: ["{bad}/bad-{{000000..000003}}.tar"], order: exact, workers: 2, buffer: 1, shards_per_chunk: 1,
+        flip: false}}
+train: {{steps: 2, global_batch: 8, micro_batch: 4, log_every: 1, ckpt_every: 2, sample_every: 1000, sample_n: 2,
+        sample_steps: 2}}
+""")
+    _, dsc = write_config(tmp_path, train_shards, steps=2, ckpt_every=2, stage=1, name="zero1")  # its DeepSpeed JSON
+    launch(cfg, dsc, tmp_path / "run")
+    assert [(r["step"], r["skipped_samples"]) for r in records(tmp_path / "run")] == [(1, 4), (2, 8)]

@@ -6,9 +6,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import requires_cuda
-from trainer.masking import patchify, visible_indices
-from trainer.models import PRESETS, UViTConfig, build_model, flops_per_image
-from trainer.models.uvit import timestep_embedding
+from trainer.core.masking import patchify, visible_indices
+from trainer.core.models import UViTConfig, build_model, flops_per_image
+from trainer.core.models.uvit import timestep_embedding
+from trainer.core.settings import PRESETS
 
 # fp32 CPU: masked and unmasked paths run the same ops on differently shaped tensors; the kernels may block
 # reductions differently, so allow a few ulps of the activations' scale.
@@ -162,7 +163,7 @@ def test_timestep_embedding_hand_computed():
 def test_layernorm32_survives_fp16_overflow():
     """DeepSpeed's classic fp16 stores the whole module in half precision. LayerNorm statistics of activations
     ~1000 overflow in fp16 (the variance ~1e6 > 65504); LayerNorm32 computes them in fp32."""
-    from trainer.models.uvit import LayerNorm32
+    from trainer.core.models.uvit import LayerNorm32
 
     ln = LayerNorm32(64).half()
     x = (torch.randn(4, 64) * 1000).half()
@@ -222,3 +223,27 @@ def test_cuda_fp16_sdpa_matches_fp32():
         ref = model(x, t, visible=visible)
         out = model.half()(x.half(), t, visible=visible)
     assert (out.float() - ref).abs().max() < 2e-2
+
+
+def test_compiled_model_matches_eager():
+    """model.compile: true compiles the module in place (DeepSpeed's engine.compile -> nn.Module.compile, inductor
+    on CPU): the same outputs as eager within 1e-4 (fp32; fused kernels reorder sums), the same parameter names."""
+    torch.manual_seed(0)
+    eager = build_model("tiny", 3, 16, dim=32, heads=2).eval()
+    compiled = build_model("tiny", 3, 16, dim=32, heads=2).eval()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile(backend="inductor")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    visible = visible_indices("block", 4, 0.5, 2, block=2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(compiled(x, t), eager(x, t), atol=1e-4, rtol=1e-4)
+        assert torch.allclose(compiled(x, t, visible=visible), eager(x, t, visible=visible), atol=1e-4, rtol=1e-4)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+def test_attention_kernel_is_reported():
+    from trainer.core.models import attention_kernel
+
+    cfg = build_model("tiny", 3, 16).cfg
+    kernel, warning = attention_kernel(cfg, torch.float32, "cpu")
+    assert kernel in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION") and warning is None

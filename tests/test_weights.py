@@ -1,10 +1,10 @@
-"""trainer.weights: pre-trained weights from safetensors (local and bucket) and from DeepSpeed runs' EMA."""
+"""trainer.weights.load: pre-trained weights from safetensors (local and bucket) and from DeepSpeed runs' EMA."""
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from trainer.models import build_model
-from trainer.weights import apply_pretrained, is_training_run, load_pretrained
+from trainer.core.models import build_model
+from trainer.weights.load import apply_pretrained, is_training_run, load_pretrained
 
 
 def test_safetensors_round_trip_and_key_report(tmp_path):

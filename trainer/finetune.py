@@ -20,16 +20,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.pretrain import dry_run, load, parse  # noqa: E402
-from trainer.weights import WEIGHTS  # noqa: E402
+from trainer.train.cli import dry_run, load, parse  # noqa: E402
+from trainer.weights.load import WEIGHTS  # noqa: E402
 
 
 def main(argv=None) -> None:
     import torch.distributed as dist
 
-    from trainer.data import check_sources
-    from trainer.loop import training_loop
-    from trainer.weights import apply_pretrained, is_training_run, load_pretrained
+    from trainer.data.shards import check_sources
+    from trainer.train.loop import training_loop
+    from trainer.train.rundir import RunDir
+    from trainer.weights.load import apply_pretrained, is_training_run, load_pretrained
 
     args = parse(argv, description=__doc__, extra=[
         ("--init", dict(required=True, help="pre-trained weights")),
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
             print(json.dumps({"init": args.init, "init_weights": which, "missing_keys": missing,
                               "unexpected_keys": unexpected}), flush=True)
 
-    resuming = args.resume != "none" and (Path(args.run_dir) / "checkpoints" / "latest").exists()
+    resuming = args.resume != "none" and RunDir(args.run_dir).latest.exists()
     training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step,
                   time_limit=args.time_limit, init_model=None if resuming else init)
 

@@ -21,23 +21,20 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from pipeline.reader import iter_samples, load_manifest
-from pipeline.shard import main as shard_main
 from pipeline.store import Store
 from pipeline.synthetic import synthetic_faces
-from trainer.cpu_comm import build_cpu_comm_op
-from trainer.images import save_grid
-from trainer.launch import has_cuda, launch
+from trainer.core.images import save_grid
+from trainer.core.settings import SamplingConfig
+from trainer.train.distributed import build_cpu_comm_op
+from trainer.train.jobs import REPO, Stages, run_module
+from trainer.train.launch import has_cuda, launch
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quickstart.yaml"
 GRID = 64       # images in data.png and samples.png (8 x 8)
 ZOOM = 3        # 32 px tiles are small on a screen: the grids are enlarged (nearest neighbour) by this factor
@@ -63,8 +60,9 @@ def make_shards(out: Path, n: int, seed: int = 0) -> Path:
             Image.fromarray(face).save(path, quality=95)
         tmp.rename(src)  # only a complete source folder is reused by a second run
     shards = out / "shards"
-    shard_main(["folder", "--src", str(src), "--out", str(shards), "--size", "32", "--no-dwt",
-                "--shard-size", "256"])
+    run_module("pipeline.shard", ["folder", "--src", src, "--out", shards, "--size", 32, "--no-dwt",
+                                  "--shard-size", 256], f"error: sharding the synthetic faces in {src} failed; its "
+                                                        f"log is above")
     store = Store(str(shards))
     crops = []
     for entry in load_manifest(store)["shards"]:
@@ -76,37 +74,12 @@ def make_shards(out: Path, n: int, seed: int = 0) -> Path:
     return shards
 
 
-def sample(ckpt: Path, out: Path, n: int, steps: int) -> Path:
-    cmd = [sys.executable, "-m", "trainer.sample", "--ckpt", str(ckpt), "--num-images", str(n), "--steps",
-           str(steps), "--sampler", "ddim", "--eta", "1.0", "--seed", "0", "--batch", str(n), "--out", str(out)]
-    print(f"  $ python {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
-        raise SystemExit(f"error: sampling failed; its log is above (model: {ckpt})")
+def sample(ckpt: Path, out: Path, n: int, steps: int) -> np.ndarray:
+    sampling = SamplingConfig(steps=steps, eta=1.0, n=n, seed=0)  # DDIM eta 1, as the training grids
+    run_module("trainer.sample", ["--ckpt", ckpt, *sampling.to_args(), "--batch", n, "--out", out],
+               f"error: sampling failed; its log is above (model: {ckpt})")
     images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted((out / "images").glob("*.png"))[:n]])
     return images
-
-
-class Stages:
-    """Numbered stage banners, each with its elapsed time and where its output went."""
-
-    def __init__(self, total: int):
-        self.total, self.i, self.start = total, 0, time.time()
-
-    def run(self, name: str, what: str, fn, where) -> object:
-        self.i += 1
-        print(f"\n[{self.i}/{self.total}] {name}: {what}", flush=True)
-        t0 = time.time()
-        result = fn()
-        print(f"[{self.i}/{self.total}] {name} done in {_mmss(time.time() - t0)} -> {where}", flush=True)
-        return result
-
-    def elapsed(self) -> str:
-        return _mmss(time.time() - self.start)
-
-
-def _mmss(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
 def main(argv=None) -> None:
@@ -132,7 +105,7 @@ def main(argv=None) -> None:
 
     stages.run("pre-train", f"{pre} steps, 90% of the patches dropped (block-wise), {where}",
                lambda: launch("pretrain.py", out / "pretrain", a.ranks, config=CONFIG,
-                                      sets=common + [f"train.steps={pre}"]),
+                              sets=common + [f"train.steps={pre}"]),
                f"{out / 'pretrain'} (metrics.jsonl, checkpoints/, samples/)")
     stages.run("fine-tune", f"{fine} steps on every patch from the pre-trained weights, {where}",
                lambda: launch("finetune.py", out / "finetune", a.ranks, config=CONFIG,

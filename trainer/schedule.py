@@ -21,35 +21,24 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
-import os
 import shlex
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from trainer.checkpoints import latest_tag, read_metrics
+from trainer.core.settings import EXPORT_DTYPES, SamplingConfig
+from trainer.train.checkpoints import latest_tag
+from trainer.train.jobs import REPO
+from trainer.train.rundir import RunDir, step_tag, tag_step
 
 __all__ = ["next_action", "main"]
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def _published(run_dir: Path) -> dict:
-    path = run_dir / "published.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _tag_step(tag: str | None) -> int:
-    return int(tag.removeprefix("step")) if tag and tag.startswith("step") and tag[4:].isdigit() else 0
-
-
-def next_action(run_dir: Path, every: int, total_steps: int) -> tuple[str, int]:
+def next_action(run: RunDir, every: int, total_steps: int) -> tuple[str, int]:
     """("publish", M) when the latest checkpoint is an unpublished milestone; ("train", M) for the next
     milestone; ("done", last) when the last step is published."""
-    step = _tag_step(latest_tag(run_dir / "checkpoints"))
-    published = _published(run_dir)
+    step = tag_step(latest_tag(run.checkpoints))
+    published = run.published()
     milestone = step == total_steps or (step > 0 and step % every == 0)
     if milestone and str(step) not in published:
         return "publish", step
@@ -58,11 +47,11 @@ def next_action(run_dir: Path, every: int, total_steps: int) -> tuple[str, int]:
     return "train", min((step // every + 1) * every, total_steps)
 
 
-def _evaluated(run_dir: Path, step: int, n: int, steps: int) -> bool:
+def _evaluated(run: RunDir, step: int, sampling: SamplingConfig) -> bool:
     """An evaluation of checkpoint `step` with these settings is already in metrics.jsonl (a killed invocation
     got that far): evaluating again would only add a second record."""
-    return any(r.get("eval") and r.get("step") == step and r.get("n") == n and r.get("steps") == steps
-               for r in read_metrics(run_dir))
+    return any(r.get("eval") and r.get("step") == step and r.get("n") == sampling.n and r.get("steps") == sampling.steps
+               for r in run.read_metrics())
 
 
 def _run(cmd: list[str], what: str, env=None) -> None:
@@ -88,52 +77,51 @@ def main(argv=None) -> None:
     p.add_argument("--eval-n", type=int, default=10_000)
     p.add_argument("--eval-steps", type=int, default=100)
     p.add_argument("--eval-metrics", default="fid,kid")
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"), help="exported weights")
+    p.add_argument("--dtype", default="fp16", choices=EXPORT_DTYPES, help="exported weights")
     args = p.parse_args(argv)
     if args.every < 1:
         raise SystemExit("error: --every must be >= 1")
-    from trainer.pretrain import load
+    try:  # the milestones' evaluation: DDIM, eta 1 (SamplingConfig's defaults)
+        sampling = SamplingConfig(n=args.eval_n, steps=args.eval_steps)
+    except ValueError as e:
+        raise SystemExit(f"error: --eval-n / --eval-steps: {e}") from None
+    from trainer.train.cli import load
 
-    run_dir = Path(args.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(args.run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
     cfg, _ = load(argparse.Namespace(config=args.config, deepspeed_config=args.deepspeed_config, set=args.set))
-    lock = open(run_dir / "schedule.lock", "w")
+    lock = open(run.schedule_lock, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        print(f"[schedule] another invocation holds {run_dir / 'schedule.lock'}: nothing to do", flush=True)
+        print(f"[schedule] another invocation holds {run.schedule_lock}: nothing to do", flush=True)
         return
-    action, milestone = next_action(run_dir, args.every, cfg.train.steps)
+    action, milestone = next_action(run, args.every, cfg.train.steps)
     if action == "done":
-        print(f"[schedule] {run_dir}: step {milestone} of {cfg.train.steps} trained and published: nothing to do")
+        print(f"[schedule] {run.root}: step {milestone} of {cfg.train.steps} trained and published: nothing to do")
         return
     if action == "train":
         sets = [x for s in args.set for x in ("--set", s)]
         _run([*shlex.split(args.launcher), str(REPO / "trainer" / "pretrain.py"), "--config", args.config,
-              "--deepspeed_config", args.deepspeed_config, "--run-dir", str(run_dir), "--until-step",
+              "--deepspeed_config", args.deepspeed_config, "--run-dir", str(run.root), "--until-step",
               str(milestone), *sets], f"training to step {milestone}")
-        got = _tag_step(latest_tag(run_dir / "checkpoints"))
+        got = tag_step(latest_tag(run.checkpoints))
         if got != milestone:
             raise SystemExit(f"error: training ended at checkpoint step {got}, not the milestone {milestone}")
-    tag = f"step{milestone:08d}"
-    if args.ref and not _evaluated(run_dir, milestone, args.eval_n, args.eval_steps):
-        _run([sys.executable, "-m", "trainer.evaluate", "--ckpt", str(run_dir / "checkpoints" / tag), "--ref",
-              args.ref, "--n", str(args.eval_n), "--steps", str(args.eval_steps), "--metrics", args.eval_metrics],
-             f"evaluating {tag}")
+    tag = step_tag(milestone)
+    if args.ref and not _evaluated(run, milestone, sampling):
+        _run([sys.executable, "-m", "trainer.evaluate", "--ckpt", str(run.checkpoint(tag)), "--ref", args.ref,
+              *sampling.to_args(), "--metrics", args.eval_metrics], f"evaluating {tag}")
     url = f"{args.publish.rstrip('/')}/{tag}"
-    out = run_dir / "export" / tag / "model.safetensors"
-    _run([sys.executable, "-m", "trainer.export", str(run_dir), "--tag", tag, "--out", str(out), "--dtype",
+    out = run.export_weights(tag)
+    _run([sys.executable, "-m", "trainer.export", str(run.root), "--tag", tag, "--out", str(out), "--dtype",
           args.dtype, "--publish", url], f"exporting and publishing {tag}")
     from pipeline.store import Store
 
     digest = (out.parent / "model.safetensors.sha256").read_text().split()[0]
     record = {"url": url, "sha256": digest, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Store(args.publish).write_json("latest.json", {"step": milestone, **record})
-    published = _published(run_dir)
-    published[str(milestone)] = record
-    tmp = run_dir / "published.json.tmp"
-    tmp.write_text(json.dumps(published, indent=1))
-    os.replace(tmp, run_dir / "published.json")
+    run.record_published(milestone, record)
     print(f"[schedule] published step {milestone}: {url}", flush=True)
 
 

@@ -170,7 +170,7 @@ def _curves(data: dict, path: Path, floor_fid: list[float], floor_kid: list[floa
 def _grids(data: dict, out: Path) -> list[Path]:
     from PIL import Image
 
-    from trainer.images import save_grid
+    from trainer.core.images import save_grid
 
     s = data["settings"]
     written = []

@@ -32,9 +32,7 @@ checkpoint, a killed evaluation from its last sample.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -45,6 +43,9 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from trainer.core.settings import SamplingConfig
+from trainer.train.rundir import RunDir, step_tag
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).resolve().parent / "study.yaml"
@@ -227,25 +228,8 @@ def samples_in(shards: Path) -> int:
 
 # --- runs and evaluations: the project's commands -----------------------------------------------------------------
 
-class _Tee(io.TextIOBase):
-    """stdout that is also kept, line by line (the last line of trainer.evaluate is its JSON result)."""
-
-    def __init__(self, stream):
-        self.stream, self.lines, self._part = stream, [], ""
-
-    def write(self, text: str) -> int:
-        self.stream.write(text)
-        self._part += text
-        *done, self._part = self._part.split("\n")
-        self.lines += [line for line in done if line.strip()]
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
 def _records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
+    return RunDir(run).read_metrics()
 
 
 class Study:
@@ -267,18 +251,19 @@ class Study:
         return self.out / "runs" / name
 
     def _latest_step(self, run: Path) -> int:
-        from trainer.checkpoints import COMPLETE, latest_tag
+        from trainer.train.checkpoints import COMPLETE, latest_tag
 
-        tag = latest_tag(run / "checkpoints") if (run / "checkpoints").is_dir() else None
+        ckpts = RunDir(run).checkpoints
+        tag = latest_tag(ckpts) if ckpts.is_dir() else None
         if tag is None:
             return 0
-        return json.loads((run / "checkpoints" / tag / COMPLETE).read_text())["step"]
+        return json.loads((ckpts / tag / COMPLETE).read_text())["step"]
 
     def train(self, name: str, script: str, sets: list[str], steps: int, ckpt_every: int,
               extra: list[str] = (), time_limit: float | None = None) -> dict:
         """Train run `name` to `steps` (or for `time_limit` s of training, once; a recorded time-limited run is
         re-made to its recorded step count); returns its record {steps, images, train_s}."""
-        from trainer.launch import launch
+        from trainer.train.launch import launch
 
         run, recorded = self.run_dir(name), self.res.data["runs"].get(name)
         if recorded is not None:
@@ -336,8 +321,8 @@ class Study:
         run = self.run_dir(name)
         out = self.out / "evals" / key
         t0 = time.time()
-        metrics = self._evaluate(["--ckpt", run / "checkpoints" / f"step{step:08d}", "--steps", s.sample_steps,
-                                  "--sampler", "ddim", "--eta", 1, "--seed", seed, "--out", out, "--no-record"])
+        metrics = self._evaluate(ckpt=RunDir(run).checkpoint(step_tag(step)), out=out,
+                                 sampling=SamplingConfig(steps=s.sample_steps, eta=1.0, n=s.n, seed=seed))
         trained = [r for r in _records(run) if "train_s" in r and "images" in r and r["step"] == step]
         ft = self.res.data["runs"][name]
         ft_s = trained[-1]["train_s"] if trained else ft["train_s"] * step / ft["steps"]
@@ -351,19 +336,30 @@ class Study:
         self.res.save()
         return record
 
-    def _evaluate(self, args: list) -> dict:
-        """`python -m trainer.evaluate ARGS --ref celeba-all --n N --metrics fid,kid`, run in this process (one
-        Python and one Inception network for every evaluation of the study); its result."""
-        from trainer import evaluate
+    def _evaluate(self, *, ckpt: Path | None = None, out: Path | None = None, sampling: SamplingConfig | None = None,
+                  fake: Path | None = None) -> dict:
+        """FID and KID against the whole CelebA 10k at the study's N, of `sampling`'s images of `ckpt` (drawn into
+        `out`) or of the real images `fake`: what `python -m trainer.evaluate` computes, run in this process (one
+        Python and one Inception network for every evaluation of the study). Its result."""
+        from trainer.eval.protocol import compute_metrics, evaluate_model, image_source
 
-        s = self.scale
-        argv = [*map(str, args), "--ref", str(self.sets["celeba-all"]), "--n", str(s.n), "--metrics", "fid,kid",
-                "--batch", str(s.eval_batch)]
-        print(f"  $ python -m trainer.evaluate {' '.join(argv)}", flush=True)
-        buf = _Tee(sys.stdout)
-        with contextlib.redirect_stdout(buf):
-            evaluate.main(argv)
-        return json.loads(buf.lines[-1])
+        s, ref = self.scale, self.sets["celeba-all"]
+        common = ["--ref", ref, "--n", s.n, "--metrics", "fid,kid", "--batch", s.eval_batch]
+        if fake is not None:
+            from trainer.train.distributed import distributed_context
+
+            print(f"  $ python -m trainer.evaluate --fake {fake} {' '.join(map(str, common))}", flush=True)
+            t0 = time.time()
+            result = compute_metrics(image_source(str(fake)), image_source(str(ref)), ("fid", "kid"), n=s.n,
+                                     batch=s.eval_batch, device=distributed_context()[2])
+            result["seconds"] = round(time.time() - t0, 1)
+        else:
+            print(f"  $ python -m trainer.evaluate --ckpt {ckpt} {' '.join(map(str, sampling.to_args()[2:] + common))}"
+                  f" --out {out} --no-record", flush=True)
+            result = evaluate_model(str(ckpt), image_source(str(ref)), sampling, ("fid", "kid"), out=out,
+                                    batch=s.eval_batch, record=False)
+        print(json.dumps(result), flush=True)
+        return result
 
     def floor(self, seed: int) -> dict:
         """Real vs real at the study's N: N aligned CelebA faces of a 10% draw (seed 0: the fine-tuning subset;
@@ -374,7 +370,7 @@ class Study:
             return done
         fake = self.sets["celeba-10" if seed == 0 else "celeba-10-seed1"]
         t0 = time.time()
-        m = self._evaluate(["--fake", fake])
+        m = self._evaluate(fake=fake)
         record = {"key": key, "arm": "floor", "subset": "real", "step": 0, "seed": seed, "n": m["n"],
                   "fid": m["fid"], "kid": m["kid"], "kid_std": m.get("kid_std"), "eval_s": round(time.time() - t0, 1)}
         self.res.data["evals"].append(record)

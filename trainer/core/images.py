@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from pipeline.imaging import image_grid
-from trainer.dwt import denormalize_bands, idwt2
+from trainer.core.dwt import denormalize_bands, idwt2
+from trainer.core.settings import INPUT_MODES
 
 __all__ = ["to_rgb_uint8", "save_grid"]
 
@@ -21,7 +22,7 @@ def to_rgb_uint8(x: torch.Tensor, mode: str) -> torch.Tensor:
     elif mode == "pixel":
         img = (x + 1) / 2
     else:
-        raise ValueError(f"unknown input mode {mode!r}; choose pixel or dwt")
+        raise ValueError(f"unknown input mode {mode!r}; choose {' or '.join(reversed(INPUT_MODES))}")
     return (img.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
 
 

@@ -20,17 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from trainer.diffusion import SCHEDULES
-from trainer.masking import MASK_KINDS
-from trainer.models import PRESETS
-from trainer.stream import ORDERS
+from trainer.core.settings import (DECAY_GROUPS, DWT_TOKENS, DWT_WEIGHTINGS, INPUT_MODES, MASK_KINDS, ORDERS, PRESETS,
+                                   SCHEDULES, SamplingConfig)
 
 __all__ = ["ModelConfig", "MaskConfig", "DataConfig", "OptimConfig", "LossConfig", "TrainConfig",
-           "ExperimentConfig", "parse_overrides", "batch_arithmetic", "DWT_TOKENS", "DECAY_GROUPS", "DWT_WEIGHTINGS"]
-
-DWT_TOKENS = ("joint", "split")
-DECAY_GROUPS = ("matrices", "all")
-DWT_WEIGHTINGS = ("uniform", "bands")
+           "ExperimentConfig", "parse_overrides", "batch_arithmetic"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +34,7 @@ class ModelConfig:
     image_size: int = 256         # side of the training images in pixels
     patch_size: int = 4
     grad_checkpoint: bool = False
+    compile: bool = False         # torch.compile of the model in training (DeepSpeed's engine.compile: same weight names)
     # DWT input only. "joint" (ours): one token per 4x4 patch of all 12 bands (1024 tokens at 256 px); "split" (the
     # reference): cA and the 9 detail bands are two token sets of their own, masked independently (2048 tokens)
     dwt_tokens: str = "joint"
@@ -48,8 +43,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r}: choose one of {list(PRESETS)}")
-        if self.input not in ("dwt", "pixel"):
-            raise ValueError(f"model.input {self.input!r}: choose dwt or pixel")
+        if self.input not in INPUT_MODES:
+            raise ValueError(f"model.input {self.input!r}: choose {' or '.join(INPUT_MODES)}")
         if self.dwt_tokens not in DWT_TOKENS:
             raise ValueError(f"model.dwt_tokens {self.dwt_tokens!r}: choose one of {DWT_TOKENS}")
         if self.dwt_tokens == "split" and self.input != "dwt":
@@ -72,7 +67,7 @@ class ModelConfig:
     def build(self, **extra):
         """The U-ViT of this config (as training, sampling, export and evaluation all build it); `extra`: any
         further UViTConfig field (e.g. grad_checkpoint=True)."""
-        from trainer.models import build_model
+        from trainer.core.models import build_model
 
         return build_model(self.preset, self.in_channels, self.model_size, self.patch_size,
                            split_bands=3 if self.dwt_tokens == "split" else 0, **{**self.overrides, **extra})
@@ -101,7 +96,8 @@ class DataConfig:
     sources: tuple[str, ...] = ()  # shard sets: folders or URLs with manifest.json, brace patterns
     weights: tuple[float, ...] | None = None  # mixing weights, one per source
     order: str = "resampled"      # "resampled" (pre-training) or "exact" (epochs: fine-tuning, evaluation)
-    workers: int = 4              # DataLoader workers per rank
+    workers: int = 4              # DataLoader workers per rank (how many keep a GPU fed: bench/loader_throughput.py)
+    prefetch: int = 2             # micro-batches each worker keeps ready (DataLoader prefetch_factor; workers > 0)
     buffer: int = 1000
     shards_per_chunk: int = 4
     flip: bool = True
@@ -112,6 +108,9 @@ class DataConfig:
             object.__setattr__(self, "weights", tuple(self.weights))
         if self.order not in ORDERS:
             raise ValueError(f"data.order {self.order!r}: choose one of {ORDERS}")
+        if self.workers < 0 or self.prefetch < 1:
+            raise ValueError(f"data.workers {self.workers} / data.prefetch {self.prefetch}: workers >= 0 (0: load in "
+                             f"the training process), prefetch >= 1")
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ class TrainConfig:
     micro_batch: int = 32
     schedule: str = "cosine"      # beta schedule, T = 1000
     ema_decay: float = 0.999
-    ema_warmup: bool = True       # decay 1-(1+k)^(-2/3) capped at ema_decay (trainer/ema.py): short runs' EMA is usable
+    ema_warmup: bool = True       # decay 1-(1+k)^(-2/3) capped at ema_decay (trainer/train/ema.py): short runs' EMA is usable
     ema_every: int = 1            # average every N-th applied optimiser step (the reference's L-DWT runs: 10)
     ema_update_after: int = 0     # warm-up: copy the weights for steps 0..N (ema-pytorch's update_after_step; reference 100)
     seed: int = 0
@@ -162,8 +161,8 @@ class TrainConfig:
     sample_steps: int = 50
     sample_eta: float = 1.0       # DDIM eta of the grids: 1 (stochastic) shows young models fairly; 0 saturates them
     tensorboard: bool = False     # also write the training records to RUN_DIR/tensorboard (needs tensorboard)
-    keep_last: int = 0            # keep only the newest N stepN checkpoints (0: keep all; see trainer/checkpoints.py)
-    max_nonfinite: int = 20       # fp16: this many consecutive overflowing steps stop the run (see trainer/loop.py)
+    keep_last: int = 0            # keep only the newest N stepN checkpoints (0: keep all; see trainer/train/checkpoints.py)
+    max_nonfinite: int = 20       # fp16: this many consecutive overflowing steps stop the run (see trainer/train/loop.py)
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -176,6 +175,15 @@ class TrainConfig:
             raise ValueError("train.steps, global_batch, micro_batch, max_nonfinite and ema_every must be >= 1")
         if self.ema_update_after < 0:
             raise ValueError(f"train.ema_update_after {self.ema_update_after}: must be >= 0")
+        try:
+            self.sampling
+        except ValueError as e:
+            raise ValueError(f"train.sample_n / sample_steps / sample_eta: {e}") from None
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The sample grids' settings (DDIM, train.sample_steps, train.sample_eta, train.sample_n, seed 0)."""
+        return SamplingConfig(steps=self.sample_steps, eta=self.sample_eta, n=self.sample_n)
 
 
 SECTIONS = {"model": ModelConfig, "mask": MaskConfig, "data": DataConfig, "optim": OptimConfig,

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from trainer.train.jobs import REPO
 
 __all__ = ["has_cuda", "launch", "ds_config_for_machine"]
 
@@ -40,7 +40,7 @@ def launch(script: str, run_dir: Path, ranks: int, *, config: Path, sets: list[s
            what: str = "") -> None:
     """Run `deepspeed --num_gpus RANKS trainer/SCRIPT --config CONFIG --run-dir RUN_DIR [--set ...] EXTRA`;
     SystemExit naming the run directory if it fails."""
-    from trainer.loop import release_shm
+    from trainer.train.distributed import release_shm
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from pipeline.credentials import credentials_guard
-from trainer.checkpoints import latest_tag
+from trainer.train.checkpoints import latest_tag
+from trainer.train.rundir import RunDir
 
 __all__ = ["load_pretrained", "apply_pretrained", "load_model", "read_weights", "read_deepspeed", "online_weights",
            "is_training_run", "WEIGHTS",
@@ -48,7 +49,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def _model_states(path: Path, tag: str | None) -> Path | None:
     """Rank 0's model-states file for a run dir / checkpoints dir / tag dir (the latest tag unless `tag`)."""
-    for ckpt in (path, path / "checkpoints"):
+    for ckpt in (path, RunDir(path).checkpoints):
         name = tag or latest_tag(ckpt)  # the newest complete checkpoint
         if name is not None and (ckpt / name).is_dir():
             path = ckpt / name
@@ -244,12 +245,12 @@ def load_model(source: str, device: torch.device | str = "cpu"):
     The model is built from the checkpoint's config exactly as the training loop builds it, in fp32 (weights
     exported in fp16 are widened); every parameter must be present. The metadata: step, images, source, kind,
     dtype, params, and what the export recorded (metrics, data, ...)."""
-    from trainer.config import ExperimentConfig
+    from trainer.train.config import ExperimentConfig
 
     state, meta = read_weights(source)
     if "config" not in meta:
         raise SystemExit(f"error: {source}: no maskdm config in its metadata (not written by python -m trainer.export);"
-                         f" build the model yourself and load the weights with trainer.weights.load_pretrained")
+                         f" build the model yourself and load the weights with trainer.weights.load.load_pretrained")
     if isinstance(meta.get("maskdm_format"), int) and meta["maskdm_format"] > FORMAT_VERSION:
         raise SystemExit(f"error: {source}: exported by a newer maskdm (format {meta['maskdm_format']}); upgrade")
     try:

@@ -1,7 +1,7 @@
 """Bucket access for the streaming loader: webdataset opens `s3://`, `gs://`, ... URLs through fsspec.
 
 `register_fsspec_schemes()`: webdataset 1.0 opens bucket URLs through fsspec (one filesystem per process) as
-`ResumableObject`s, instead of `pipe:` subprocesses (docs/design.md); faults: see below. `trainer.data` (shard lists,
+`ResumableObject`s, instead of `pipe:` subprocesses (docs/design.md); faults: see below. `trainer.data.shards` (shard lists,
 decoding, batching) uses this module and re-exports its public names.
 
 Bucket configuration (standard fsspec / s3fs / botocore; nothing maskdm-specific):
@@ -31,7 +31,7 @@ Bucket faults, as the stream meets them (the batches carry `skipped`: counts by 
   replaced while read (BadObjectError): "unreadable shard"; the samples before the cut are delivered.
 - Refused or missing credentials (PermissionError from 403 AccessDenied / InvalidAccessKeyId /
   SignatureDoesNotMatch / ExpiredToken; botocore NoCredentialsError, ProfileNotFound): never retried.
-  `trainer.data.list_shards` is the first contact (the manifest, or a pattern's first shard): it stops the run
+  `trainer.data.shards.list_shards` is the first contact (the manifest, or a pattern's first shard): it stops the run
   (SystemExit) naming the bucket, the variables to set and which of them are set, never their values (secrets are
   scrubbed): the message of `pipeline.credentials`, which every command touching a bucket prints the same way.
   A worker meeting it counts the shard as unreadable with the same message.

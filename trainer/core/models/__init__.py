@@ -4,16 +4,11 @@ Presets are the paper's sizes (see `uvit.py` for their parameter counts) plus `t
 quickstart. Any `UViTConfig` field can be overridden, e.g. `build_model("S", 3, 64, depth=(1, 1, 1))`."""
 from __future__ import annotations
 
-from trainer.models.uvit import UViT, UViTConfig, flops_per_image
+from trainer.core.models.uvit import UViT, UViTConfig, attention_kernel, flops_per_image
+from trainer.core.settings import PRESETS
 
-__all__ = ["PRESETS", "build_model", "UViT", "UViTConfig", "flops_per_image"]
+__all__ = ["build_model", "UViT", "UViTConfig", "flops_per_image", "attention_kernel"]
 
-PRESETS: dict[str, dict] = {
-    "tiny": dict(dim=64, heads=4, depth=(1, 1, 1)),
-    "S": dict(dim=512, heads=8, depth=(6, 1, 6)),
-    "B": dict(dim=768, heads=12, depth=(6, 1, 6)),
-    "L": dict(dim=1024, heads=16, depth=(8, 1, 8), qv_bias=True),
-}
 
 
 def build_model(preset: str, in_channels: int, image_size: int, patch_size: int = 4, **overrides) -> UViT:

@@ -9,7 +9,7 @@ epochs over the run), which shards each rank and DataLoader worker reads, the De
 from --world-size, else from the launcher's WORLD_SIZE, else 1. Reads only manifests (local or bucket), never a shard.
 
 Compute: parameters, tokens the network sees per image (visible tokens of every token set), forward FLOPs per
-image (`trainer.models.flops_per_image`), the run's training FLOPs (3 x forward x images: backward is ~2x forward)
+image (`trainer.core.models.flops_per_image`), the run's training FLOPs (3 x forward x images: backward is ~2x forward)
 and GPU-days at a sustained rate per GPU (`--gpu-tflops`). The default rate, 16.2 TFLOP/s, is what the reference
 implementation achieved on V100s: its DDPM baseline (L, split DWT tokens, 1,238.5 GFLOP per forward, 940k steps at
 batch 16) took 120 h on 8 V100s (its README's errata), i.e. 13% of the V100's 125 TFLOP/s fp16 tensor peak. An
@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.checkpoints import checkpoint_world, plan_resume
-from trainer.config import ExperimentConfig, batch_arithmetic
-from trainer.stream import ShardStream, StreamConfig
+from trainer.data.stream import ShardStream, StreamConfig
+from trainer.train.checkpoints import checkpoint_world, plan_resume
+from trainer.train.config import ExperimentConfig, batch_arithmetic
+from trainer.train.rundir import RunDir
 
 __all__ = ["dry_run", "compute", "REFERENCE_V100_TFLOPS"]
 
@@ -32,8 +33,8 @@ def compute(cfg: ExperimentConfig, tflops: float = REFERENCE_V100_TFLOPS) -> dic
     """The run's size: params, tokens seen per image, forward GFLOP per image, training PFLOP, GPU-days at `tflops`."""
     import torch
 
-    from trainer.masking import num_visible
-    from trainer.models import flops_per_image
+    from trainer.core.masking import num_visible
+    from trainer.core.models import flops_per_image
 
     m, t = cfg.model, cfg.train
     with torch.device("meta"):  # shapes only: an L model costs nothing to build
@@ -110,10 +111,7 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
               f"{c['gpu_days']:,.1f} GPU-days at {tflops:g} TFLOP/s per GPU ({c['gpu_days'] / world:,.1f} days on "
               f"{world}); 16.2 is the reference's V100 rate, set yours with --gpu-tflops", ""]
 
-    stream = ShardStream(StreamConfig(cfg.data.sources, cfg.data.weights, m.input,
-                                      m.image_size if m.input == "pixel" else None, cfg.data.order,
-                                      t.micro_batch, cfg.data.shards_per_chunk, cfg.data.buffer, cfg.data.flip,
-                                      t.seed), 0, world, cfg.data.workers)
+    stream = ShardStream(StreamConfig.from_experiment(cfg), 0, world, cfg.data.workers)
     lines.append(f"# data ({cfg.data.order} order, {cfg.data.workers} workers per rank)")
     total = 0
     for i, (src, shards) in enumerate(zip(cfg.data.sources, stream.sources)):
@@ -155,7 +153,7 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
         if all(c is not None for c in counts) and counts:
             lines.append(f"samples per reader in an epoch: min {min(counts):,}, max {max(counts):,}")
 
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = RunDir(run_dir).checkpoints
     lines += ["", "# resume"]
     try:
         tag, universal = plan_resume(ckpt_dir, resume, world)
@@ -170,6 +168,6 @@ def dry_run(cfg: ExperimentConfig, ds: dict, run_dir: str | Path, world: int, re
                          f"its universal form {tag} (converted at start if missing); the data stream restarts")
         else:
             lines.append(f"loads {ckpt_dir / tag} and continues its data stream exactly")
-    lines.append(f"logs: {Path(run_dir) / 'metrics.jsonl'}; checkpoints every {t.ckpt_every} steps; samples every "
+    lines.append(f"logs: {RunDir(run_dir).metrics}; checkpoints every {t.ckpt_every} steps; samples every "
                  f"{t.sample_every}")
     return "\n".join(lines)

@@ -22,17 +22,18 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trainer.data import (INPUT_MODES, RETRIES, SkipCounter, collate, decode_sample, group_samples, list_shards,
-                          register_fsspec_schemes)
+from trainer.core.settings import INPUT_MODES, ORDERS
+from trainer.data.shards import (RETRIES, SkipCounter, collate, decode_sample, group_samples, list_shards,
+                                 register_fsspec_schemes)
 
-__all__ = ["StreamConfig", "StreamPosition", "ShardStream", "ORDERS"]
+__all__ = ["StreamConfig", "StreamPosition", "ShardStream", "DataCounts"]
 
-ORDERS = ("resampled", "exact")
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +66,14 @@ class StreamConfig:
         if self.batch_size < 1 or self.shards_per_chunk < 1 or self.buffer < 1:
             raise ValueError("batch_size, shards_per_chunk and buffer must be >= 1")
 
+    @classmethod
+    def from_experiment(cls, cfg, seed: int | None = None) -> "StreamConfig":
+        """The stream of an ExperimentConfig (data section, model input, micro-batch); `seed` default train.seed."""
+        m, d = cfg.model, cfg.data
+        return cls(d.sources, d.weights, m.input, m.image_size if m.input == "pixel" else None, d.order,
+                   cfg.train.micro_batch, d.shards_per_chunk, d.buffer, d.flip,
+                   cfg.train.seed if seed is None else seed)
+
 
 @dataclass
 class StreamPosition:
@@ -83,6 +92,23 @@ class StreamPosition:
     @classmethod
     def from_state_dict(cls, d: dict) -> "StreamPosition":
         return cls({int(k): (int(v[0]), int(v[1])) for k, v in d["chunks"].items()}, int(d["batches"]))
+
+
+class DataCounts:
+    """Skipped samples and bucket retries of one rank, over all its DataLoader workers. Each batch carries its
+    worker's running totals since it started (`skipped`: by reason; `retries`: by protocol; retries of the main
+    process before the workers started, e.g. reading manifests, are not in them); the rank's figure is the sum of each worker's latest totals, and `totals()` is what the loop
+    all-reduces into the run's figure."""
+
+    def __init__(self):
+        self.latest: dict[int, tuple[int, int]] = {}
+
+    def update(self, batch: dict) -> None:
+        self.latest[batch["pos"][0]] = (sum(batch.get("skipped", {}).values()), sum(batch.get("retries", {}).values()))
+
+    def totals(self) -> tuple[int, int]:
+        """(skipped samples, bucket retries) summed over this rank's workers."""
+        return sum(s for s, _ in self.latest.values()), sum(r for _, r in self.latest.values())
 
 
 class ShardStream(IterableDataset):
@@ -215,6 +241,7 @@ class ShardStream(IterableDataset):
         slot, S = self.rank * self.W + logical, self.world * self.W
         c, skip = self.start.chunks.get(logical, (0, 0))
         skips, batch, empty = SkipCounter(), [], 0
+        inherited = Counter(RETRIES)  # a forked worker starts with its parent's count: report its own retries only
         unsized = self.rank == 0 and self.cfg.mode == "pixel" and any(sh.size is None for sh in self.all_shards)
         on_resize = _warn_once(self.cfg.resolution, self.cfg.sources) if unsized else None  # patterns: no manifest
         while True:
@@ -236,7 +263,7 @@ class ShardStream(IterableDataset):
                     out["pos"] = (logical, c, taken)
                     out["epoch"] = plan[2]
                     out["skipped"] = dict(skips.counts)
-                    out["retries"] = dict(RETRIES)  # bucket retries of this worker process so far
+                    out["retries"] = dict(RETRIES - inherited)  # bucket retries of this worker so far
                     yield out
                     batch = []
             empty = empty + 1 if taken == 0 and skip == 0 else 0

@@ -33,9 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.masking import gather_tokens, patchify, unpatchify
+from trainer.core.masking import gather_tokens, patchify, unpatchify
 
-__all__ = ["UViTConfig", "UViT", "timestep_embedding", "flops_per_image"]
+__all__ = ["UViTConfig", "UViT", "timestep_embedding", "flops_per_image", "attention_kernel"]
 
 
 @dataclass(frozen=True)
@@ -210,37 +210,48 @@ class UViT(nn.Module):
             return checkpoint(block, x, skip, use_reentrant=False)
         return block(x, skip)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, visible: torch.Tensor | None = None):
-        """x: (B, C, H, W) noisy input x_t; t: (B,) integer steps (or a scalar); visible: (B, S) sorted token
-        indices or None. Returns eps predictions: the full image (B, C, H, W) if `visible` is None, else per-token
-        predictions for the visible tokens (layout of `trainer.masking.patchify`): (B, S, p*p*C) for one token set;
-        for split tokens the pair ((B, S/2, p*p*c) cA, (B, S/2, p*p*(C-c)) details), where `visible` holds S/2
-        indices of each set: cA tokens are 0..cells-1, detail tokens cells..2*cells-1 (`visible_indices(...,
-        sets=2)` draws them so; sorted, the first half is then the cA set's)."""
+    def forward(self, x, t: torch.Tensor, visible: torch.Tensor | None = None):
+        """x: (B, C, H, W) noisy input x_t, or (with `visible`) its visible tokens already gathered, in the layout
+        of `token_targets` (what masked training feeds: only the visible patches are noised); t: (B,) integer steps
+        (or a scalar); visible: (B, S) sorted token indices or None. Returns eps predictions: the full image
+        (B, C, H, W) if `visible` is None, else per-token predictions for the visible tokens (layout of
+        `trainer.core.masking.patchify`): (B, S, p*p*C) for one token set; for split tokens the pair
+        ((B, S/2, p*p*c) cA, (B, S/2, p*p*(C-c)) details), where `visible` holds S/2 indices of each set: cA tokens
+        are 0..cells-1, detail tokens cells..2*cells-1 (`visible_indices(..., sets=2)` draws them so; sorted, the
+        first half is then the cA set's)."""
         cfg = self.cfg
-        B = x.shape[0]
-        if tuple(x.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):  # shapes only: no device sync
+        image = not isinstance(x, tuple) and x.dim() == 4
+        if image and tuple(x.shape[1:]) != (cfg.in_channels, cfg.image_size, cfg.image_size):  # shapes: no sync
             raise ValueError(f"input {tuple(x.shape)}: this model takes (B, {cfg.in_channels}, {cfg.image_size}, "
                              f"{cfg.image_size})")
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        x = x.to(self.pos_embed.dtype)  # the module's dtype
+        if not image and visible is None:
+            raise ValueError("visible tokens as input need their indices: pass visible=(B, S) too")
+        first = x if image else x[0] if isinstance(x, tuple) else x
+        B = first.shape[0]
+        t = torch.as_tensor(t, device=first.device).reshape(-1).expand(B)
+        dtype = self.pos_embed.dtype  # the module's dtype
         pos = self.pos_embed[:, 1:].expand(B, -1, -1)  # (B, N, D)
         if visible is not None:
-            visible = visible.to(x.device)
+            visible = visible.to(first.device)
         if self.detail_embed is None:
-            tokens = patchify(x, cfg.patch_size)  # (B, N, P)
+            tokens = patchify(x.to(dtype), cfg.patch_size) if image else x.to(dtype)  # (B, N or S, P)
             if visible is not None:
-                tokens, pos = gather_tokens(tokens, visible), gather_tokens(pos, visible)  # (B, S, .)
+                tokens = gather_tokens(tokens, visible) if image else tokens
+                pos = gather_tokens(pos, visible)  # (B, S, .)
             h = self.patch_embed(tokens) + pos  # (B, S, D)
         else:
             c, n = cfg.split_bands, cfg.cells
-            ca, detail = patchify(x[:, :c], cfg.patch_size), patchify(x[:, c:], cfg.patch_size)  # (B, n, .) each
+            if image:
+                ca, detail = patchify(x[:, :c].to(dtype), cfg.patch_size), patchify(x[:, c:].to(dtype), cfg.patch_size)
+            else:
+                ca, detail = x[0].to(dtype), x[1].to(dtype)
             pos_ca, pos_detail = pos[:, :n], pos[:, n:]
             if visible is not None:
                 half = visible.shape[1] // 2
                 v_ca, v_detail = visible[:, :half], visible[:, half:] - n
-                ca, pos_ca = gather_tokens(ca, v_ca), gather_tokens(pos_ca, v_ca)
-                detail, pos_detail = gather_tokens(detail, v_detail), gather_tokens(pos_detail, v_detail)
+                if image:
+                    ca, detail = gather_tokens(ca, v_ca), gather_tokens(detail, v_detail)
+                pos_ca, pos_detail = gather_tokens(pos_ca, v_ca), gather_tokens(pos_detail, v_detail)
             h = torch.cat([self.patch_embed(ca) + pos_ca, self.detail_embed(detail) + pos_detail], dim=1)
         time = self.time_embed(timestep_embedding(t, cfg.dim).to(h.dtype)).unsqueeze(1)  # (B, 1, D)
         h = torch.cat([time + self.pos_embed[:, :1], h], dim=1)  # (B, 1+S, D)
@@ -289,3 +300,23 @@ def flops_per_image(cfg: UViTConfig, n_visible: int | None = None) -> int:
     if cfg.mlp_time_embed:
         total += 2 * (D * 4 * D) * 2
     return total
+
+
+def attention_kernel(cfg: UViTConfig, dtype: torch.dtype, device, tokens: int | None = None) -> tuple[str, str | None]:
+    """(the kernel `scaled_dot_product_attention` picks for this model's attention on `device` in `dtype`, a
+    warning or None): FLASH_ATTENTION, EFFICIENT_ATTENTION, CUDNN_ATTENTION or MATH. On a GPU the math kernel
+    materialises the (L x L) attention matrix per head: the warning says what forces it."""
+    device = torch.device(device)
+    head_dim, L = cfg.dim // cfg.heads, 1 + (tokens or cfg.num_tokens)
+    q = torch.zeros(1, cfg.heads, L, head_dim, dtype=dtype, device=device)
+    choice = int(torch._fused_sdp_choice(q, q, q))
+    name = next((k for k, v in torch.nn.attention.SDPBackend.__members__.items() if int(v.value) == choice), str(choice))
+    warning = None
+    if device.type == "cuda" and name == "MATH":
+        why = [f"head dim {head_dim} (flash and memory-efficient kernels need a multiple of 8, at most 256)"
+               if head_dim % 8 or head_dim > 256 else None,
+               f"dtype {str(dtype).removeprefix('torch.')} (flash attention needs fp16 or bf16)"
+               if dtype not in (torch.float16, torch.bfloat16) else None]
+        warning = (f"attention runs PyTorch's math kernel ({'; '.join(w for w in why if w) or 'this GPU or build'}): "
+                   f"it stores the {L}x{L} attention matrix of every head and is several times slower")
+    return name, warning

@@ -1,4 +1,6 @@
-"""DeepSpeed's CPU communication op, announced (or built ahead) instead of compiled in silence.
+"""Process groups: the launcher's environment read once (`distributed_context`), DeepSpeed's CPU shared-memory
+buffers freed after a run (`release_shm`), and DeepSpeed's CPU communication op, announced (or built ahead)
+instead of compiled in silence.
 
 With the CPU accelerator (`DS_ACCELERATOR=cpu`, gloo) DeepSpeed's comm backend JIT-compiles its shared-memory
 all-reduce, the C++ extension `deepspeed_shm_comm`, the first time a process initialises distributed training on a
@@ -32,7 +34,35 @@ import warnings
 from pathlib import Path
 
 __all__ = ["OP_NAME", "cpu_comm_build_dir", "cpu_comm_op_built", "announce_cpu_comm_build", "build_cpu_comm_op",
-           "quiet_known_noise", "init_distributed_quietly"]
+           "quiet_known_noise", "init_distributed_quietly", "distributed_context", "release_shm"]
+
+
+def distributed_context():
+    """(rank, world, device) from the launcher's environment (torchrun / deepspeed set RANK, WORLD_SIZE,
+    LOCAL_RANK); a process group is started for multi-process launches (gloo on CPU, nccl on GPUs)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def release_shm(port: str | int | None, addr: str = "127.0.0.1", rank: int | str = "*") -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves its buffers in /dev/shm (~69 MB per rank per run, never
+    freed): remove those of one run (its master address and port)."""
+    if port:
+        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
 
 OP_NAME = "deepspeed_shm_comm"
 

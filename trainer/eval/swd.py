@@ -1,6 +1,6 @@
-"""ProGAN's sliced Wasserstein distance (SWD) between two image sets (re-exported by `trainer.metrics`).
+"""ProGAN's sliced Wasserstein distance (SWD) between two image sets (re-exported by `trainer.eval.metrics`).
 
-Takes uint8 RGB images (N, 3, H, W), as every metric in `trainer.metrics` does; descriptors accumulate batch by
+Takes uint8 RGB images (N, 3, H, W), as every metric in `trainer.eval.metrics` does; descriptors accumulate batch by
 batch (`SWDDescriptors`).
 
 SWD (Karras et al. 2018, ProGAN, section 5 and their `metrics/sliced_wasserstein.py`)
@@ -26,7 +26,7 @@ SWD_DIR_REPEATS, SWD_DIRS_PER_REPEAT, SWD_SCALE = 4, 128, 1e3
 _PROJECTION_BYTES = 256 << 20   # cap on one set's (directions, M) float32 projection buffer
 
 
-def _check_images(images: torch.Tensor) -> None:  # also trainer.metrics' input check (it imports it from here)
+def _check_images(images: torch.Tensor) -> None:  # also trainer.eval.metrics' input check (it imports it from here)
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         got = f"{type(images).__name__} {getattr(images, 'dtype', '')} {tuple(getattr(images, 'shape', ()))}"
         raise ValueError(f"expected a uint8 torch tensor (N, 3, H, W), got {got}")

@@ -22,9 +22,10 @@ import math
 
 import torch
 
-__all__ = ["MASK_KINDS", "visible_indices", "num_visible", "patchify", "unpatchify", "gather_tokens"]
+from trainer.core.settings import MASK_KINDS
 
-MASK_KINDS = ("patch", "block", "crop")
+__all__ = ["visible_indices", "num_visible", "patchify", "unpatchify", "gather_tokens"]
+
 _EPS = 1e-9  # guards floor(r*n) against 0.7*100 = 69.99999999 style float error
 
 

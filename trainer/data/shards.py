@@ -1,9 +1,9 @@
-"""Shard sets -> model inputs: sources, sample decoding and device batching (bucket access: `trainer.bucket`).
+"""Shard sets -> model inputs: sources, sample decoding and device batching (bucket access: `trainer.data.bucket`).
 
 Part 1 of the streaming loader (issue 4). What is here is independent of how the stream is split and ordered:
-- `register_fsspec_schemes()` (from `trainer.bucket`, re-exported here): webdataset 1.0 opens `s3://`, `gs://`, ...
+- `register_fsspec_schemes()` (from `trainer.data.bucket`, re-exported here): webdataset 1.0 opens `s3://`, `gs://`, ...
   URLs through fsspec (one filesystem per process) as `ResumableObject`s, instead of `pipe:` subprocesses
-  (docs/design.md). Bucket faults, retries and fsspec/s3fs configuration: see `trainer.bucket`.
+  (docs/design.md). Bucket faults, retries and fsspec/s3fs configuration: see `trainer.data.bucket`.
 - `list_shards(source)`: a shard-set folder or URL (its manifest.json gives the shards and their sample counts),
   a brace pattern (`dir/shard-{000000..000099}.tar`), or one `.tar`. `check_sources` fails fast, before a run
   directory exists, on a source that is none of these (no such path, a folder of images, an interrupted job).
@@ -12,7 +12,7 @@ Part 1 of the streaming loader (issue 4). What is here is independent of how the
   in DWT space a flip reverses every band along the width and negates cV and cD (a <-> b, c <-> d in each
   2x2 block), so both shard kinds flip identically.
 - `collate` + `to_model_input`: a batch may mix both kinds (sets with and without `dwt.f16`); on the device,
-  images get their DWT computed in one batched call (`trainer.dwt.dwt2`), so `--no-dwt` shards train identically
+  images get their DWT computed in one batched call (`trainer.core.dwt.dwt2`), so `--no-dwt` shards train identically
   up to JPEG rounding. Normalisation (cA -> 2cA - 1, pixels -> [-1, 1]) happens there too.
 - `SkipCounter`: corrupt samples and shards are counted by reason, with rate-limited warnings, never raised.
 """
@@ -30,22 +30,22 @@ import torch
 from PIL import Image
 
 from pipeline.credentials import credentials_guard, is_bucket
-from pipeline.reader import load_manifest, missing_manifest, split_member
+from pipeline.reader import group_by_key, load_manifest, missing_manifest
 from pipeline.schema import MANIFEST, decode_dwt
 from pipeline.store import Store
-from trainer.bucket import (FSSPEC_SCHEMES, RETRIES, BadObjectError, ResumableObject, _fs_for, _retry_settings,
-                            _with_retries, credentials_message, is_credentials_error, is_transient,
-                            register_fsspec_schemes)
-from trainer.dwt import dwt2, normalize_bands
+from trainer.core.dwt import dwt2, normalize_bands
+from trainer.core.settings import INPUT_MODES
+from trainer.data.bucket import (FSSPEC_SCHEMES, RETRIES, BadObjectError, ResumableObject, _fs_for, _retry_settings,
+                                 _with_retries, credentials_message, is_credentials_error, is_transient,
+                                 register_fsspec_schemes)
 
-# The first eight are trainer.bucket's, re-exported (RETRIES is that module's Counter, not a copy).
+# The first eight are trainer.data.bucket's, re-exported (RETRIES is that module's Counter, not a copy).
 __all__ = ["FSSPEC_SCHEMES", "register_fsspec_schemes", "RETRIES", "ResumableObject", "BadObjectError",
            "is_transient", "is_credentials_error", "credentials_message", "Shard", "list_shards", "check_sources",
            "group_samples",
-           "decode_sample", "flip_dwt", "collate", "to_model_input", "SkipCounter", "INPUT_MODES"]
+           "decode_sample", "flip_dwt", "collate", "to_model_input", "SkipCounter"]
 
 log = logging.getLogger(__name__)
-INPUT_MODES = ("dwt", "pixel")
 
 
 # --- shard lists -----------------------------------------------------------------------------------------------
@@ -112,22 +112,19 @@ def _probe(url: str) -> None:
 # --- samples ---------------------------------------------------------------------------------------------------
 
 def group_samples(members, skips: "SkipCounter", url: str = ""):
-    """webdataset's `tar_file_iterator` records ({"fname", "data"}) -> sample dicts {"__key__", ext: bytes}.
-    Members are grouped by key as they come (the pipeline writes a sample's members together)."""
-    current = None
-    try:
-        for member in members:
-            key, ext = split_member(member["fname"])
-            if current is not None and current["__key__"] != key:
-                yield current
-                current = None
-            if current is None:
-                current = {"__key__": key, "__url__": url}
-            current[ext] = member["data"]
-    except Exception as e:  # noqa: BLE001 - a truncated or unreadable shard ends that shard, not the run
-        skips.count("unreadable shard", f"{url}: {e}")
-    if current is not None:
-        yield current
+    """webdataset's `tar_file_iterator` records ({"fname", "data"}) -> sample dicts {"__key__", "__url__", ext:
+    bytes} (`pipeline.reader.group_by_key`: the pipeline writes a sample's members together). A shard that turns
+    out truncated or unreadable ends there, counted in `skips`, not the run."""
+    def pairs():
+        try:
+            for member in members:
+                yield member["fname"], member["data"]
+        except Exception as e:  # noqa: BLE001 - a truncated or unreadable shard ends that shard, not the run
+            skips.count("unreadable shard", f"{url}: {e}")
+
+    for sample in group_by_key(pairs()):
+        sample["__url__"] = url
+        yield sample
 
 
 def flip_dwt(bands: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""End-to-end trainer throughput against the bare model step on the same settings, and where a micro-batch's time
+goes.
+
+    python bench/trainer_overhead.py                                     # CPU: presets tiny and S, fp32, 90% masked
+    python bench/trainer_overhead.py --device cuda --presets S B L --dtype fp16 bf16 --batch 64 --workers 8
+
+For each preset, dtype and mask rate:
+1. shards: synthetic faces at the preset's input (tiny and S: 64 px pixel mode; B: 256 px pixel; L: 256 px DWT,
+   the dwt.f16 member read as stored), made once with `pipeline.shard folder` under --out;
+2. the real loop: `trainer.train.loop.training_loop` in this process as a one-rank DeepSpeed run (the machine's
+   DeepSpeed JSON: ZeRO-2, fp32 on CPU, bf16/fp16 on GPUs) streaming those shards with --workers DataLoader
+   workers, global batch = micro batch = --batch; run twice: once plain (the end-to-end rate, from the step end
+   times after --warmup steps) and once with the phase marks (`Phases(detail=True)`: the device is synchronised at
+   each phase boundary, so each phase's kernels are counted in it) for the breakdown;
+3. the bare step: bench/train_step.py's `Case`, the same model, batch, rate and dtype: forward, loss, backward,
+   AdamW, no data, no DeepSpeed.
+Columns: loop and model img/s, their ratio (the target is >= 90%), and ms per micro-batch of each phase of the
+instrumented run: data (waiting for the DataLoader), prep (stream position, t and mask draws), h2d (batch to the
+device, DWT of JPEG-only samples), fwd (noise for the visible patches, q_sample, forward, loss), bwd, step (the
+flags all-reduce, engine.step), ema, log (the rest: records, bar). `host %` = (prep + h2d) / the model step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PRESETS = {"tiny": ("pixel", 64), "S": ("pixel", 64), "B": ("pixel", 256), "L": ("dwt", 256)}
+
+
+def make_shards(out: Path, size: int, dwt: bool, n: int) -> Path:
+    """n synthetic faces as JPEG files, sharded at `size` px (with the DWT member when `dwt`); kept once made."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.synthetic import synthetic_faces
+
+    shards = out / f"shards-{size}{'-dwt' if dwt else ''}"
+    if (shards / "manifest.json").is_file():
+        return shards
+    src = out / f"faces-{size}"
+    if not src.is_dir():
+        for i, face in enumerate(synthetic_faces(n, size=size, seed=0)):
+            path = src / f"id{i % 16:02d}" / f"{i:05d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(face)).save(path, quality=95)
+    import subprocess
+
+    cmd = [sys.executable, "-m", "pipeline.shard", "folder", "--src", str(src), "--out", str(shards), "--size",
+           str(size), "--shard-size", "256", *([] if dwt else ["--no-dwt"])]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    return shards
+
+
+def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device):
+    """One training_loop call as a one-rank DeepSpeed job in this process; its Phases."""
+    from trainer.train.loop import Phases, training_loop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    phases = Phases(device, detail=detail)
+    with contextlib.redirect_stdout(io.StringIO()):  # the loop's JSON records
+        training_loop(cfg, ds_config=ds, run_dir=run_dir, resume="none", phases=phases, log=lambda *a: None)
+    return phases
+
+
+def run(preset: str, dtype: str, rate: float, args, out: Path, device) -> str:
+    import torch
+
+    from train_step import Case  # bench/ is the script's folder
+    from trainer.core.settings import torch_dtype
+    from trainer.train.cli import load_ds_config
+    from trainer.train.config import ExperimentConfig
+
+    mode, size = PRESETS[preset]
+    shards = make_shards(out, size, mode == "dwt", args.images)
+    steps = args.warmup + args.steps
+    cfg = ExperimentConfig.from_dict({
+        "name": "overhead",
+        "model": {"preset": preset, "input": mode, "image_size": size, "patch_size": 4},
+        "mask": {"kind": "block", "rate": rate, "block": 4},  # as bench/train_step.py
+        "data": {"sources": [str(shards)], "order": "resampled", "workers": args.workers, "buffer": 256},
+        "train": {"steps": steps, "global_batch": args.batch, "micro_batch": args.batch, "log_every": steps,
+                  "sample_every": 10**9, "ckpt_every": 10**9, "sample_n": 1, "sample_steps": 1}})
+    if device.type == "cuda" and dtype != "fp32":  # the asked precision: ZeRO-2 in fp16 (loss scaling) or bf16
+        ds = load_ds_config(REPO / "ds_configs" / f"zero2_{dtype}.json")
+    else:
+        ds = load_ds_config(REPO / "ds_configs" / "cpu_fp32.json")  # fp32, ZeRO-1
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        plain = loop_run(cfg, ds, Path(tmp) / "plain", False, device)
+        marked = loop_run(cfg, ds, Path(tmp) / "marked", True, device)
+    ends = plain.step_ends[args.warmup - 1:]
+    loop_ips = args.batch * (len(ends) - 1) / (ends[-1] - ends[0])
+    case = Case(preset, torch_dtype(dtype), args.batch, rate, device)
+    case.timed(1)
+    model_s = statistics.median(case.timed(args.steps) for _ in range(3))
+    model_ips = args.batch / model_s
+    per = {k: 1e3 * v / steps for k, v in marked.totals.items()}  # ms per micro-batch (accumulation 1)
+    host = (per["prep"] + per["h2d"]) / (1e3 * model_s)
+    cells = " | ".join(f"{per[k]:.1f}" for k in ("data", "prep", "h2d", "forward", "backward", "step", "ema", "log"))
+    del case
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return (f"| {preset} | {mode} {size} px | {dtype} | {rate:.1f} | {args.batch} | {args.workers} | {loop_ips:.1f} | "
+            f"{model_ips:.1f} | {100 * loop_ips / model_ips:.0f}% | {cells} | {100 * host:.1f}% |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny", "S"], choices=list(PRESETS))
+    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--rates", nargs="+", type=float, default=[0.9])
+    p.add_argument("--batch", type=int, default=16, help="micro batch = global batch (one rank)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the end-to-end rate")
+    p.add_argument("--images", type=int, default=1024, help="synthetic faces in the shard set")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/bench-overhead", help="shards and run folders")
+    args = p.parse_args()
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from model_flops import device_name
+
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {device_name(device)}, {args.steps} steps after "
+          f"{args.warmup} warm-up, ms per micro-batch")
+    print("| preset | input | dtype | mask | batch | workers | loop img/s | model img/s | loop/model | data | prep | h2d "
+          "| fwd | bwd | step | ema | log | host % |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for preset in args.presets:
+        for dtype in args.dtype:
+            for rate in args.rates:
+                print(run(preset, dtype, rate, args, out, device), flush=True)
+
+
+if __name__ == "__main__":
+    main()
