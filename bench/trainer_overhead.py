@@ -22,8 +22,6 @@ flags all-reduce, engine.step), ema, log (the rest: records, bar). `host %` = (p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import socket
 import statistics
@@ -62,8 +60,12 @@ def make_shards(out: Path, size: int, dwt: bool, n: int) -> Path:
     return shards
 
 
-def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device):
-    """One training_loop call as a one-rank DeepSpeed job in this process; its Phases."""
+def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str) -> tuple[dict, list]:
+    """One training_loop call as a one-rank DeepSpeed job (a fresh process: DeepSpeed keeps its process groups
+    per process); its Phases' totals and step end times."""
+    import contextlib
+    import io
+
     from trainer.train.loop import Phases, training_loop
 
     with socket.socket() as s:
@@ -73,7 +75,25 @@ def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device):
     phases = Phases(device, detail=detail)
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's JSON records
         training_loop(cfg, ds_config=ds, run_dir=run_dir, resume="none", phases=phases, log=lambda *a: None)
-    return phases
+    return phases.totals, phases.step_ends
+
+
+def _child(queue, *args) -> None:
+    queue.put(_loop_child(*args))
+
+
+def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device):
+    """`_loop_child` in a spawned (not daemonic: its DataLoader has workers) process."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, cfg, ds, run_dir, detail, str(device)))
+    proc.start()
+    totals, ends = queue.get()
+    proc.join()
+    return SimpleNamespace(totals=totals, step_ends=ends)
 
 
 def run(preset: str, dtype: str, rate: float, args, out: Path, device) -> str:
