@@ -97,7 +97,7 @@ def main() -> None:
     try:
         rates = {}
         print(f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {device_name(torch.device('cpu'))}, "
-              f"{args.size} px, batches of {args.batch}, one thread")
+              f"{args.size} px, batches of {args.batch}")
         print("| shards | samples/s per worker |\n|---|---:|")
         for name, src in sources.items():
             rates[name] = worker_rate(src, "dwt" if args.size >= 128 else "pixel", args.batch, args.batches)
