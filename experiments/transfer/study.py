@@ -101,10 +101,10 @@ SCALES = {
                  eval_batch=500),
     # the study on a few dozen images and a few steps, the suite's test of the command: every stage kind and figure
     # (maskdm-celeba is maskdm-lfw's code path on another shard set: left out to keep the test at a few minutes)
-    "smoke": Scale(size=32, pretrain_steps=8, finetune_steps=8, n=16, sample_steps=2, ranks=1,
+    "smoke": Scale(size=32, pretrain_steps=8, finetune_steps=8, n=8, sample_steps=2, ranks=1,
                    sets=("model.overrides={dim: 32, heads: 2, depth: [1, 1, 1]}", "train.global_batch=8",
                          "train.micro_batch=8", "train.log_every=2", "train.sample_steps=2", "train.sample_n=4"),
-                   limit=200, eval_batch=16, arms=ARMS[:3]),
+                   limit=200, eval_batch=8, arms=ARMS[:3]),
 }
 
 
