@@ -26,6 +26,7 @@ from model_flops import DTYPES, SETTINGS, device_name  # bench/ is the script's 
 from trainer.core.diffusion import alphas_cumprod, make_betas, msm_loss
 from trainer.core.masking import visible_indices
 from trainer.core.models import build_model, flops_per_image
+from trainer.train.loop import adamw_fused
 
 SIDES = {**SETTINGS, "tiny": (3, 64)}
 RATES = (0.0, 0.5, 0.7, 0.9)
@@ -63,8 +64,7 @@ class Case:
         torch.manual_seed(seed)
         self.model = build_model(preset, channels, size, grad_checkpoint=grad_checkpoint).to(device)
         self.dtype, self.device = dtype, device
-        fused = device.type == "cuda"
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=fused)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=adamw_fused(device))  # as the loop
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         g = torch.Generator().manual_seed(seed)
         self.x0 = torch.randn(batch, channels, size, size, generator=g).to(device)

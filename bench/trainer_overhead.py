@@ -2,22 +2,24 @@
 goes.
 
     python bench/trainer_overhead.py                                     # CPU: presets tiny and S, fp32, 90% masked
+    python bench/trainer_overhead.py --presets S --zero 0 1 --workers 0 1            # CPU: ZeRO-0 vs ZeRO-1
     python bench/trainer_overhead.py --device cuda --presets S B L --dtype fp16 bf16 --batch 64 --workers 8
 
 For each preset, dtype and mask rate:
 1. shards: synthetic faces at the preset's input (tiny and S: 64 px pixel mode; B: 256 px pixel; L: 256 px DWT,
    the dwt.f16 member read as stored), made once with `pipeline.shard folder` under --out;
-2. the real loop: `trainer.train.loop.training_loop` in this process as a one-rank DeepSpeed run (the machine's
-   DeepSpeed JSON: ZeRO-2, fp32 on CPU, bf16/fp16 on GPUs) streaming those shards with --workers DataLoader
-   workers, global batch = micro batch = --batch; run twice: once plain (the end-to-end rate, from the step end
-   times after --warmup steps) and once with the phase marks (`Phases(detail=True)`: the device is synchronised at
-   each phase boundary, so each phase's kernels are counted in it) for the breakdown;
+2. the real loop: `trainer.train.loop.training_loop` as a one-rank DeepSpeed run in a spawned process (the machine's
+   DeepSpeed JSON: ZeRO-1 fp32 on CPU, ZeRO-2 bf16/fp16 on GPUs; --zero for other stages) streaming those shards
+   with --workers DataLoader workers, global batch = micro batch = --batch; run twice: once plain (the end-to-end
+   rate, from the step end times after --warmup steps) and once with the phase marks (`Phases(detail=True)`: the
+   device is synchronised at each phase boundary, so each phase's kernels are counted in it) for the breakdown;
 3. the bare step: bench/train_step.py's `Case`, the same model, batch, rate and dtype: forward, loss, backward,
    AdamW, no data, no DeepSpeed.
-Columns: loop and model img/s, their ratio (the target is >= 90%), and ms per micro-batch of each phase of the
-instrumented run: data (waiting for the DataLoader), prep (stream position, t and mask draws), h2d (batch to the
-device, DWT of JPEG-only samples), fwd (noise for the visible patches, q_sample, forward, loss), bwd, step (the
-flags all-reduce, engine.step), ema, log (the rest: records, bar). `host %` = (prep + h2d) / the model step.
+Columns: the ZeRO stage, loop and model img/s, their ratio (the target is >= 90%), and ms per micro-batch of each
+phase of the instrumented run after the warm-up steps: data (waiting for the DataLoader), prep (stream position, t
+and mask draws), h2d (batch to the device, DWT of JPEG-only samples), fwd (noise for the visible patches, q_sample,
+forward, loss), bwd, sync (the flags all-reduce and its host read, once per optimiser step), step (engine.step),
+ema, log (the rest: records, bar). `host %` = (prep + h2d) / the model step.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def make_shards(out: Path, size: int, dwt: bool, n: int) -> Path:
     return shards
 
 
-def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str) -> tuple[dict, list]:
+def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str, warmup: int) -> tuple[dict, list]:
     """One training_loop call as a one-rank DeepSpeed job (a fresh process: DeepSpeed keeps its process groups
     per process); its Phases' totals and step end times."""
     import contextlib
@@ -72,7 +74,7 @@ def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str) -> tupl
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    phases = Phases(device, detail=detail)
+    phases = Phases(device, detail=detail, warmup=warmup)
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's JSON records
         training_loop(cfg, ds_config=ds, run_dir=run_dir, resume="none", phases=phases, log=lambda *a: None)
     return phases.totals, phases.step_ends
@@ -82,21 +84,21 @@ def _child(queue, *args) -> None:
     queue.put(_loop_child(*args))
 
 
-def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device):
+def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device, warmup: int):
     """`_loop_child` in a spawned (not daemonic: its DataLoader has workers) process."""
     import multiprocessing
     from types import SimpleNamespace
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, cfg, ds, run_dir, detail, str(device)))
+    proc = ctx.Process(target=_child, args=(queue, cfg, ds, run_dir, detail, str(device), warmup))
     proc.start()
     totals, ends = queue.get()
     proc.join()
     return SimpleNamespace(totals=totals, step_ends=ends)
 
 
-def run(preset: str, dtype: str, rate: float, args, out: Path, device) -> str:
+def run(preset: str, dtype: str, rate: float, zero: int | None, workers: int, args, out: Path, device) -> str:
     import torch
 
     from train_step import Case  # bench/ is the script's folder
@@ -111,29 +113,34 @@ def run(preset: str, dtype: str, rate: float, args, out: Path, device) -> str:
         "name": "overhead",
         "model": {"preset": preset, "input": mode, "image_size": size, "patch_size": 4},
         "mask": {"kind": "block", "rate": rate, "block": 4},  # as bench/train_step.py
-        "data": {"sources": [str(shards)], "order": "resampled", "workers": args.workers, "buffer": 256},
+        "data": {"sources": [str(shards)], "order": "resampled", "workers": workers, "buffer": 256},
         "train": {"steps": steps, "global_batch": args.batch, "micro_batch": args.batch, "log_every": steps,
                   "sample_every": 10**9, "ckpt_every": 10**9, "sample_n": 1, "sample_steps": 1}})
     if device.type == "cuda" and dtype != "fp32":  # the asked precision: ZeRO-2 in fp16 (loss scaling) or bf16
         ds = load_ds_config(REPO / "ds_configs" / f"zero2_{dtype}.json")
     else:
         ds = load_ds_config(REPO / "ds_configs" / "cpu_fp32.json")  # fp32, ZeRO-1
+    if zero is not None:  # --zero: another ZeRO stage than the JSON's
+        ds = {**ds, "zero_optimization": {**ds.get("zero_optimization", {}), "stage": zero}}
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        plain = loop_run(cfg, ds, Path(tmp) / "plain", False, device)
-        marked = loop_run(cfg, ds, Path(tmp) / "marked", True, device)
+        plain = loop_run(cfg, ds, Path(tmp) / "plain", False, device, args.warmup)
+        marked = loop_run(cfg, ds, Path(tmp) / "marked", True, device, args.warmup)
     ends = plain.step_ends[args.warmup - 1:]
     loop_ips = args.batch * (len(ends) - 1) / (ends[-1] - ends[0])
     case = Case(preset, torch_dtype(dtype), args.batch, rate, device)
     case.timed(1)
     model_s = statistics.median(case.timed(args.steps) for _ in range(3))
     model_ips = args.batch / model_s
-    per = {k: 1e3 * v / steps for k, v in marked.totals.items()}  # ms per micro-batch (accumulation 1)
+    per = {k: 1e3 * v / args.steps for k, v in marked.totals.items()}  # ms per micro-batch after the warm-up
     host = (per["prep"] + per["h2d"]) / (1e3 * model_s)
-    cells = " | ".join(f"{per[k]:.1f}" for k in ("data", "prep", "h2d", "forward", "backward", "step", "ema", "log"))
+    cells = " | ".join(f"{per[k]:.1f}" for k in ("data", "prep", "h2d", "forward", "backward", "sync", "step", "ema",
+                                                     "log"))
     del case
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return (f"| {preset} | {mode} {size} px | {dtype} | {rate:.1f} | {args.batch} | {args.workers} | {loop_ips:.1f} | "
+    return (f"| {preset} | {mode} {size} px | {dtype} | {rate:.1f} | {args.batch} | {workers} | {stage} | "
+            f"{loop_ips:.1f} | "
             f"{model_ips:.1f} | {100 * loop_ips / model_ips:.0f}% | {cells} | {100 * host:.1f}% |")
 
 
@@ -142,8 +149,11 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["tiny", "S"], choices=list(PRESETS))
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"])
     p.add_argument("--rates", nargs="+", type=float, default=[0.9])
+    p.add_argument("--zero", nargs="+", type=int, choices=[0, 1, 2, 3], default=[None],
+                   help="ZeRO stages to run (default: the DeepSpeed JSON's own)")
     p.add_argument("--batch", type=int, default=16, help="micro batch = global batch (one rank)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--workers", nargs="+", type=int, default=[2],
+                   help="DataLoader workers (0: loading in the training process)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the end-to-end rate")
     p.add_argument("--images", type=int, default=1024, help="synthetic faces in the shard set")
@@ -161,13 +171,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {device_name(device)}, {args.steps} steps after "
           f"{args.warmup} warm-up, ms per micro-batch")
-    print("| preset | input | dtype | mask | batch | workers | loop img/s | model img/s | loop/model | data | prep | h2d "
-          "| fwd | bwd | step | ema | log | host % |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| preset | input | dtype | mask | batch | workers | ZeRO | loop img/s | model img/s | loop/model | data "
+          "| prep | h2d | fwd | bwd | sync | step | ema | log | host % |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for preset in args.presets:
         for dtype in args.dtype:
             for rate in args.rates:
-                print(run(preset, dtype, rate, args, out, device), flush=True)
+                for zero in args.zero:
+                    for workers in args.workers:
+                        print(run(preset, dtype, rate, zero, workers, args, out, device), flush=True)
 
 
 if __name__ == "__main__":

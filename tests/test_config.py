@@ -172,3 +172,16 @@ def test_paper_fidelity_keys_default_to_ours_and_validate(tmp_path):
     old = ExperimentConfig().to_dict()
     del old["loss"]  # a checkpoint written before the loss section existed
     assert ExperimentConfig.from_dict(old).loss.dwt_weighting == "uniform"
+
+
+def test_workers_beyond_the_cores_are_named_with_a_count_that_fits(monkeypatch):
+    import os
+
+    from trainer.train import loop
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7}, raising=False)
+    assert ExperimentConfig().data.workers == 8        # the default (docs/performance.md, loader figures)
+    assert loop._workers_warning(0, 8) is None          # loading in the training processes
+    assert loop._workers_warning(8, 1) is None          # one rank: 8 workers on 8 cores
+    warning = loop._workers_warning(8, 2)
+    assert "data.workers 8 x 2 ranks = 16 loader processes on 8 cores" in warning and "data.workers=3" in warning

@@ -96,7 +96,9 @@ class DataConfig:
     sources: tuple[str, ...] = ()  # shard sets: folders or URLs with manifest.json, brace patterns
     weights: tuple[float, ...] | None = None  # mixing weights, one per source
     order: str = "resampled"      # "resampled" (pre-training) or "exact" (epochs: fine-tuning, evaluation)
-    workers: int = 4              # DataLoader workers per rank (how many keep a GPU fed: bench/loader_throughput.py)
+    # DataLoader workers per rank: 8 keep an H100 fed on B at 90% masking from local shards or JPEG-only bucket
+    # shards (6-8 needed, bench/loader_throughput.py, docs/performance.md); dwt.f16 shards from a bucket need more
+    workers: int = 8
     prefetch: int = 2             # micro-batches each worker keeps ready (DataLoader prefetch_factor; workers > 0)
     buffer: int = 1000
     shards_per_chunk: int = 4

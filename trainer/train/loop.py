@@ -52,7 +52,14 @@ from trainer.train.distributed import announce_cpu_comm_build, init_distributed_
 from trainer.train.ema import EMA
 from trainer.train.rundir import RunDir, step_tag
 
-__all__ = ["training_loop", "param_groups", "Phases"]
+__all__ = ["training_loop", "param_groups", "adamw_fused", "Phases"]
+
+
+def adamw_fused(device: torch.device) -> bool:
+    """Whether torch's fused AdamW kernel serves `device` (CUDA, and CPU from torch 2.4): one pass over each
+    parameter, where the per-tensor update allocates several parameter-sized temporaries (on CPU, under ZeRO's one
+    flat fp32 partition, each is fresh memory to fault in: 255 vs 173 ms a step for S, docs/performance.md)."""
+    return torch.device(device).type in ("cuda", "cpu")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
@@ -206,15 +213,18 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
 
 class Phases:
     """Where a run's time goes, for `bench/trainer_overhead.py`: `training_loop(..., phases=Phases(device))` adds
-    the wall time of each phase of each micro-batch (data wait, host prep, H2D, forward, backward, step) and of each
-    optimiser step (EMA, logging) to `totals`, synchronising the device at each boundary so that a phase's kernels
+    the wall time of each phase of each micro-batch (data wait, host prep, H2D, forward, backward, step), of the
+    one agreement of the ranks per optimiser step (sync: the flags all-reduce and its host read) and of each
+    optimiser step's EMA and logging to `totals`, synchronising the device at each boundary so that a phase's kernels
     are counted in it (which slows the run: take end-to-end rates from a run with `detail=False`, whose marks only
     record when each step ended). Without a `Phases` the loop's marks cost nothing."""
 
-    NAMES = ("data", "prep", "h2d", "forward", "backward", "step", "ema", "log")
+    NAMES = ("data", "prep", "h2d", "forward", "backward", "sync", "step", "ema", "log")
 
-    def __init__(self, device, detail: bool = True):
-        self.device, self.detail = torch.device(device), detail
+    def __init__(self, device, detail: bool = True, warmup: int = 0):
+        """`warmup`: steps whose phases are left out of `totals` (worker start-up, first kernels, optimizer state);
+        `step_ends` records every step."""
+        self.device, self.detail, self.warmup = torch.device(device), detail, warmup
         self.totals = dict.fromkeys(self.NAMES, 0.0)
         self.step_ends: list[float] = []
         self._t = time.perf_counter()
@@ -233,6 +243,8 @@ class Phases:
     def step_end(self) -> None:
         self.mark("log")
         self.step_ends.append(time.perf_counter())
+        if len(self.step_ends) == self.warmup:
+            self.totals = dict.fromkeys(self.NAMES, 0.0)
 
 
 class _NoPhases:
@@ -253,6 +265,17 @@ def _restore_rng(gen: torch.Generator, state, seed: int, rank: int, log) -> None
         if rank == 0:
             log(json.dumps({"warning": f"the checkpoint's random state is not a {gen.device.type} generator's: t, "
                                        f"noise and masks continue from a fresh seed"}))
+
+
+def _workers_warning(workers: int, local_ranks: int) -> str | None:
+    """A word when the DataLoader workers of this machine's ranks outnumber its cores: they then take cores from
+    the training processes (on a CPU-only machine, from the model itself)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers == 0 or workers * local_ranks <= cores:
+        return None
+    fit = max(0, cores // local_ranks - 1)
+    return (f"data.workers {workers} x {local_ranks} ranks = {workers * local_ranks} loader processes on {cores} cores: "
+            f"they compete with training for the cores; set data.workers={fit} (0: load in the training process)")
 
 
 def _stop_nonfinite(save: Callable[[str], None], step: int, message: str) -> None:
@@ -294,7 +317,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     model = m.build(grad_checkpoint=m.grad_checkpoint)
     if init_model is not None:
         init_model(model)  # fine-tuning: load pre-trained weights before the engine takes the model
-    fused = device.type == "cuda"  # torch's fused AdamW kernel: one launch for all parameters, not one per tensor
+    fused = adamw_fused(device)  # torch's fused AdamW kernel: one pass per parameter, no temporaries
     optimizer = torch.optim.AdamW(param_groups(model.to(device), cfg.optim.weight_decay, cfg.optim.decay),
                                   lr=cfg.optim.lr, betas=cfg.optim.betas, fused=fused)
     warmup = max(1, cfg.optim.warmup_steps)
@@ -314,6 +337,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         kernel, warning = attention_kernel(ucfg, amp, device, seen)
         log(json.dumps({"attention": kernel, "head_dim": ucfg.dim // ucfg.heads, "fused_adamw": fused,
                         "compiled": m.compile, **({"warning": warning} if warning else {})}))
+    if rank == 0 and (warning := _workers_warning(cfg.data.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))):
+        log(json.dumps({"warning": warning}))
     gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + rank)  # this rank's t, noise, masks
     step, trained_s, data_seed, position = 0, 0.0, cfg.train.seed, StreamPosition()
     if tag is not None:  # trained_s: training time of the earlier sessions of this run, --time-limit's clock
@@ -388,6 +413,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                 flags = torch.cat([bad.float().view(1), host.to(device, non_blocking=True)])
                 dist.all_reduce(flags)
                 bad_n, stopping, timed_out = flags.tolist()
+                ph.mark("sync")
                 stopping, bad_step = stopping or timed_out, bad_n > 0
                 if bad_step and not engine.fp16_enabled():              # nothing to skip it: stop, keep state
                     _stop_nonfinite(save, step, f"non-finite loss at step {step}; checkpoint nonfinite-step{step:08d} "
