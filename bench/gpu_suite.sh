@@ -3,7 +3,7 @@
 #
 #     bash bench/gpu_suite.sh [OUT]            # OUT default: $OUT or gpu-results/
 #
-# Expected duration on one H100/H200: install ~3 min, train_step ~2 min, trainer_overhead ~5 min, the 2-minute
+# Expected duration on one H100/H200: install ~3 min, train_step and optimizer_step ~3 min, trainer_overhead ~5 min, the 2-minute
 # training runs ~5 min with their sharding and sampling: about 15 minutes. Every table is written to OUT as it
 # finishes (OUT/*.md, with OUT/log.txt the whole output), so a run stopped early keeps what it measured; put the
 # tables in docs/performance.md with the GPU's name and the date. Stages can be skipped: SKIP="install train_step".
@@ -28,6 +28,8 @@ if ! skip train_step; then
   stage "bare model step: S/B/L x fp16/bf16 x mask 0/0.5/0.7/0.9 (img/s, ratio to unmasked, memory, MFU)"
   python bench/train_step.py --device cuda --dtype fp16 bf16 --presets S B L --batch 32 --steps 5 --repeats 3 \
     | tee "$OUT/train_step.md"
+  stage "the optimiser step: torch AdamW vs ZeRO-0/1/2, fused vs per tensor (S, B, L)"
+  python bench/optimizer_step.py --device cuda --presets S B L --batch 8 | tee "$OUT/optimizer_step.md"
   stage "activation checkpointing: memory saved vs time lost (B, bf16)"
   python bench/train_step.py --device cuda --dtype bf16 --presets B --batch 32 --steps 5 --repeats 3 \
     --grad-checkpoint both | tee "$OUT/grad_checkpoint.md"

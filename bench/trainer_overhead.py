@@ -14,7 +14,7 @@ For each preset, dtype and mask rate:
    rate, from the step end times after --warmup steps) and once with the phase marks (`Phases(detail=True)`: the
    device is synchronised at each phase boundary, so each phase's kernels are counted in it) for the breakdown;
 3. the bare step: bench/train_step.py's `Case`, the same model, batch, rate and dtype: forward, loss, backward,
-   AdamW, no data, no DeepSpeed.
+   AdamW, no data, no DeepSpeed; timed in the plain run's process just before and just after its loop.
 Columns: the ZeRO stage, loop and model img/s, their ratio (the target is >= 90%), and ms per micro-batch of each
 phase of the instrumented run after the warm-up steps: data (waiting for the DataLoader), prep (stream position, t
 and mask draws), h2d (batch to the device, DWT of JPEG-only samples), fwd (noise for the visible patches, q_sample,
@@ -62,9 +62,27 @@ def make_shards(out: Path, size: int, dwt: bool, n: int) -> Path:
     return shards
 
 
-def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str, warmup: int) -> tuple[dict, list]:
+def _bare_step_s(preset: str, dtype: str, batch: int, rate: float, device: str, steps: int) -> float:
+    """Seconds per step of bench/train_step.py's `Case` (median of 2 x steps/2 after one untimed step)."""
+    import torch
+
+    from train_step import Case  # bench/ is the script's folder
+    from trainer.core.settings import torch_dtype
+
+    case = Case(preset, torch_dtype(dtype), batch, rate, torch.device(device))
+    case.timed(1)
+    sec = statistics.median(case.timed(max(1, steps // 2)) for _ in range(2))
+    del case
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return sec
+
+
+def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str, warmup: int, bare: tuple | None):
     """One training_loop call as a one-rank DeepSpeed job (a fresh process: DeepSpeed keeps its process groups
-    per process); its Phases' totals and step end times."""
+    per process): its Phases' totals and step end times, and with `bare` (preset, dtype, batch, rate, steps) the
+    bare step's seconds, timed in this process just before and just after the loop (their mean): the two rates of
+    the ratio share the process, its memory and the minute (these machines are shared and noisy)."""
     import contextlib
     import io
 
@@ -74,35 +92,33 @@ def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str, warmup:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    before = _bare_step_s(*bare[:4], device, bare[4]) if bare else None
     phases = Phases(device, detail=detail, warmup=warmup)
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's JSON records
         training_loop(cfg, ds_config=ds, run_dir=run_dir, resume="none", phases=phases, log=lambda *a: None)
-    return phases.totals, phases.step_ends
+    model_s = (before + _bare_step_s(*bare[:4], device, bare[4])) / 2 if bare else None
+    return phases.totals, phases.step_ends, model_s
 
 
 def _child(queue, *args) -> None:
     queue.put(_loop_child(*args))
 
 
-def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device, warmup: int):
+def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device, warmup: int, bare: tuple | None = None):
     """`_loop_child` in a spawned (not daemonic: its DataLoader has workers) process."""
     import multiprocessing
     from types import SimpleNamespace
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, cfg, ds, run_dir, detail, str(device), warmup))
+    proc = ctx.Process(target=_child, args=(queue, cfg, ds, run_dir, detail, str(device), warmup, bare))
     proc.start()
-    totals, ends = queue.get()
+    totals, ends, model_s = queue.get()
     proc.join()
-    return SimpleNamespace(totals=totals, step_ends=ends)
+    return SimpleNamespace(totals=totals, step_ends=ends, model_s=model_s)
 
 
 def run(preset: str, dtype: str, rate: float, zero: int | None, workers: int, args, out: Path, device) -> str:
-    import torch
-
-    from train_step import Case  # bench/ is the script's folder
-    from trainer.core.settings import torch_dtype
     from trainer.train.cli import load_ds_config
     from trainer.train.config import ExperimentConfig
 
@@ -124,21 +140,17 @@ def run(preset: str, dtype: str, rate: float, zero: int | None, workers: int, ar
         ds = {**ds, "zero_optimization": {**ds.get("zero_optimization", {}), "stage": zero}}
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        plain = loop_run(cfg, ds, Path(tmp) / "plain", False, device, args.warmup)
+        plain = loop_run(cfg, ds, Path(tmp) / "plain", False, device, args.warmup,
+                         bare=(preset, dtype, args.batch, rate, args.steps))
         marked = loop_run(cfg, ds, Path(tmp) / "marked", True, device, args.warmup)
     ends = plain.step_ends[args.warmup - 1:]
     loop_ips = args.batch * (len(ends) - 1) / (ends[-1] - ends[0])
-    case = Case(preset, torch_dtype(dtype), args.batch, rate, device)
-    case.timed(1)
-    model_s = statistics.median(case.timed(args.steps) for _ in range(3))
+    model_s = plain.model_s
     model_ips = args.batch / model_s
     per = {k: 1e3 * v / args.steps for k, v in marked.totals.items()}  # ms per micro-batch after the warm-up
     host = (per["prep"] + per["h2d"]) / (1e3 * model_s)
     cells = " | ".join(f"{per[k]:.1f}" for k in ("data", "prep", "h2d", "forward", "backward", "sync", "step", "ema",
                                                      "log"))
-    del case
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return (f"| {preset} | {mode} {size} px | {dtype} | {rate:.1f} | {args.batch} | {workers} | {stage} | "
             f"{loop_ips:.1f} | "
             f"{model_ips:.1f} | {100 * loop_ips / model_ips:.0f}% | {cells} | {100 * host:.1f}% |")
