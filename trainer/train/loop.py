@@ -337,7 +337,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         kernel, warning = attention_kernel(ucfg, amp, device, seen)
         log(json.dumps({"attention": kernel, "head_dim": ucfg.dim // ucfg.heads, "fused_adamw": fused,
                         "compiled": m.compile, **({"warning": warning} if warning else {})}))
-    if rank == 0 and (warning := _workers_warning(cfg.data.workers, int(os.environ.get("LOCAL_WORLD_SIZE", world)))):
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun / deepspeed
+    if rank == 0 and (warning := _workers_warning(cfg.data.workers, local_ranks)):
         log(json.dumps({"warning": warning}))
     gen = torch.Generator(device).manual_seed(cfg.train.seed * 100_003 + rank)  # this rank's t, noise, masks
     step, trained_s, data_seed, position = 0, 0.0, cfg.train.seed, StreamPosition()
