@@ -4,7 +4,7 @@
     python bench/optimizer_step.py --malloc             # also with glibc keeping large blocks (see below)
     python bench/optimizer_step.py --device cuda --presets S B
 
-Each case runs in its own spawned process (DeepSpeed keeps its process groups per process) as a one-rank job: the
+Each case runs in its own spawned process (bench/trainer_overhead.py's `spawned`) as a one-rank job: the
 model, a forward and backward of a random batch, then `--steps` timed optimiser steps after 2 untimed ones. "torch"
 is `torch.optim.AdamW` (fused, or torch's default: a loop over tensors on CPU, foreach on CUDA) with
 `clip_grad_norm_` (the step of bench/train_step.py plus the clipping the trainer's DeepSpeed JSONs ask for);
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -29,16 +28,12 @@ sys.path.insert(0, str(REPO))
 MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
-def _case(queue, preset: str, stage: int | None, fused: bool, device: str, batch: int, steps: int) -> None:
+def _case(preset: str, stage: int | None, fused: bool, device: str, batch: int, steps: int) -> tuple[int, float]:
     import torch
 
     from train_step import SIDES  # bench/ is the script's folder
     from trainer.core.models import build_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     channels, size = SIDES[preset]
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -72,25 +67,7 @@ def _case(queue, preset: str, stage: int | None, fused: bool, device: str, batch
         sync()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    queue.put((sum(p.numel() for p in model.parameters()), statistics.median(times)))
-
-
-def run_case(*args, env: dict | None = None) -> tuple[int, float]:
-    import multiprocessing
-
-    saved = dict(os.environ)
-    os.environ.update(env or {})  # read by the child's C library at start
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_case, args=(queue, *args))
-        proc.start()
-        result = queue.get()
-        proc.join()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return result
+    return sum(p.numel() for p in model.parameters()), statistics.median(times)
 
 
 def main() -> None:
@@ -107,6 +84,7 @@ def main() -> None:
     import torch
 
     from model_flops import device_name
+    from trainer_overhead import spawned
 
     print(f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {device_name(torch.device(args.device))}, "
           f"median of {args.steps} optimiser steps, ms")
@@ -118,8 +96,8 @@ def main() -> None:
             for stage in args.stages:
                 for fused in (True, False):
                     zero = None if stage == "torch" else int(stage)
-                    n, sec = run_case(preset, zero, fused, args.device, args.batch, args.steps,
-                                      env=MALLOC if malloc else None)
+                    n, sec = spawned(_case, preset, zero, fused, args.device, args.batch, args.steps,
+                                     env=MALLOC if malloc else None)
                     base = sec if base is None else base
                     name = "torch" if zero is None else f"ZeRO-{zero}"
                     print(f"| {preset} | {n / 1e6:.1f}M | {name} | {'fused' if fused else 'default'} | "

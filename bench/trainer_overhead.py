@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -79,8 +78,7 @@ def _bare_step_s(preset: str, dtype: str, batch: int, rate: float, device: str, 
 
 
 def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str, warmup: int, bare: tuple | None):
-    """One training_loop call as a one-rank DeepSpeed job (a fresh process: DeepSpeed keeps its process groups
-    per process): its Phases' totals and step end times, and with `bare` (preset, dtype, batch, rate, steps) the
+    """One training_loop call as a one-rank DeepSpeed job (in a `spawned` process): its Phases' totals and step end times, and with `bare` (preset, dtype, batch, rate, steps) the
     bare step's seconds, timed in this process just before and just after the loop (their mean): the two rates of
     the ratio share the process, its memory and the minute (these machines are shared and noisy)."""
     import contextlib
@@ -88,10 +86,6 @@ def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str, warmup:
 
     from trainer.train.loop import Phases, training_loop
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     before = _bare_step_s(*bare[:4], device, bare[4]) if bare else None
     phases = Phases(device, detail=detail, warmup=warmup)
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's JSON records
@@ -100,21 +94,38 @@ def _loop_child(cfg, ds: dict, run_dir: Path, detail: bool, device: str, warmup:
     return phases.totals, phases.step_ends, model_s
 
 
-def _child(queue, *args) -> None:
-    queue.put(_loop_child(*args))
+def _child(queue, fn, args) -> None:
+    from trainer.train.distributed import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    queue.put(fn(*args))
+
+
+def spawned(fn, *args, env: dict | None = None):
+    """fn(*args) in a spawned process set up as a one-rank job (not daemonic: a DataLoader there may have workers;
+    a fresh process: DeepSpeed keeps its process groups per process), with `env` added to its environment."""
+    import multiprocessing
+
+    saved = dict(os.environ)
+    os.environ.update(env or {})  # what the child starts with (its C library reads MALLOC_* at start)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child, args=(queue, fn, args))
+        proc.start()
+        result = queue.get()
+        proc.join()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return result
 
 
 def loop_run(cfg, ds: dict, run_dir: Path, detail: bool, device, warmup: int, bare: tuple | None = None):
-    """`_loop_child` in a spawned (not daemonic: its DataLoader has workers) process."""
-    import multiprocessing
+    """`_loop_child` in a spawned process."""
     from types import SimpleNamespace
 
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, cfg, ds, run_dir, detail, str(device), warmup, bare))
-    proc.start()
-    totals, ends, model_s = queue.get()
-    proc.join()
+    totals, ends, model_s = spawned(_loop_child, cfg, ds, run_dir, detail, str(device), warmup, bare)
     return SimpleNamespace(totals=totals, step_ends=ends, model_s=model_s)
 
 

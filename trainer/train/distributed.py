@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 
 __all__ = ["OP_NAME", "cpu_comm_build_dir", "cpu_comm_op_built", "announce_cpu_comm_build", "build_cpu_comm_op",
-           "quiet_known_noise", "init_distributed_quietly", "distributed_context", "release_shm"]
+           "quiet_known_noise", "init_distributed_quietly", "distributed_context", "release_shm", "free_port"]
 
 
 def distributed_context():
@@ -52,6 +52,15 @@ def distributed_context():
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
     return rank, world, device
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a launch's MASTER_PORT (the OS picks it; the launch binds it soon after)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def release_shm(port: str | int | None, addr: str = "127.0.0.1", rank: int | str = "*") -> None:

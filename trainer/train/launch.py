@@ -10,7 +10,6 @@ CPU shared-memory buffers are released after the run, also after a failed one.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +39,9 @@ def launch(script: str, run_dir: Path, ranks: int, *, config: Path, sets: list[s
            what: str = "") -> None:
     """Run `deepspeed --num_gpus RANKS trainer/SCRIPT --config CONFIG --run-dir RUN_DIR [--set ...] EXTRA`;
     SystemExit naming the run directory if it fails."""
-    from trainer.train.distributed import release_shm
+    from trainer.train.distributed import free_port, release_shm
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     gpu = has_cuda()
     env = dict(os.environ) if gpu else {**os.environ, "DS_ACCELERATOR": "cpu"}
     if not gpu and "OMP_NUM_THREADS" not in env:  # each rank's share of the cores: more threads than cores spin-wait

@@ -58,7 +58,7 @@ __all__ = ["training_loop", "param_groups", "adamw_fused", "Phases"]
 def adamw_fused(device: torch.device) -> bool:
     """Whether torch's fused AdamW kernel serves `device` (CUDA, and CPU from torch 2.4): one pass over each
     parameter, where the per-tensor update allocates several parameter-sized temporaries (on CPU, under ZeRO's one
-    flat fp32 partition, each is fresh memory to fault in: 255 vs 173 ms a step for S, docs/performance.md)."""
+    flat fp32 partition, each is fresh memory to fault in: bench/optimizer_step.py, docs/performance.md)."""
     return torch.device(device).type in ("cuda", "cpu")
 
 
