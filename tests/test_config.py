@@ -185,3 +185,86 @@ def test_workers_beyond_the_cores_are_named_with_a_count_that_fits(monkeypatch):
     assert loop._workers_warning(8, 1) is None          # one rank: 8 workers on 8 cores
     warning = loop._workers_warning(8, 2)
     assert "data.workers 8 x 2 ranks = 16 loader processes on 8 cores" in warning and "data.workers=3" in warning
+
+
+# --- ranges: every number field is checked once, on construction; the message names key, value and range ---------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("section, key, value, allowed", [
+    ("optim", "lr", NAN, "must be a finite number > 0"),
+    ("optim", "lr", INF, "must be a finite number > 0"),
+    ("optim", "lr", 0.0, "must be a finite number > 0"),
+    ("optim", "betas", [1.5, -2], "each item must be a finite number in [0, 1)"),
+    ("optim", "betas", [0.9, NAN], "each item must be a finite number in [0, 1)"),
+    ("optim", "weight_decay", -0.1, "must be a finite number >= 0"),
+    ("optim", "warmup_steps", -1, "must be an integer >= 0"),
+    ("model", "image_size", 0, "must be an integer >= 2"),
+    ("model", "patch_size", 0, "must be an integer >= 1"),
+    ("mask", "block", 0, "must be an integer >= 1"),
+    ("mask", "rate", 1.0, "must be a finite number in [0, 1)"),
+    ("mask", "rate", NAN, "must be a finite number in [0, 1)"),
+    ("data", "buffer", 0, "must be an integer >= 1"),
+    ("data", "shards_per_chunk", -3, "must be an integer >= 1"),
+    ("data", "workers", -1, "must be an integer >= 0"),
+    ("data", "prefetch", 0, "must be an integer >= 1"),
+    ("data", "weights", [1, -1], "each item must be a finite number >= 0"),
+    ("data", "weights", [1, INF], "each item must be a finite number >= 0"),
+    ("train", "seed", -1, "must be an integer in [0, 4294967296)"),
+    ("train", "sample_eta", NAN, "must be a finite number >= 0"),
+    ("train", "sample_eta", INF, "must be a finite number >= 0"),
+    ("train", "ckpt_every", 0, "must be an integer >= 1"),
+    ("train", "log_every", 0, "must be an integer >= 1"),
+    ("train", "sample_every", 0, "must be an integer >= 1"),
+    ("train", "sample_steps", 1001, "must be an integer in [1, 1000]"),
+    ("train", "ema_decay", -0.5, "must be a finite number in [0, 1)"),
+    ("train", "keep_last", -2, "must be an integer >= 0"),
+    ("train", "steps", 0, "must be an integer >= 1"),
+])
+def test_out_of_range_values_name_key_value_and_range(tmp_path, section, key, value, allowed):
+    shown = repr(tuple(float(v) for v in value) if isinstance(value, list) else value)
+    expected = f"{section}.{key} = {shown}: {allowed}"
+    with pytest.raises(ValueError) as e:
+        ExperimentConfig.from_dict({section: {key: value}}, "exp.yaml")
+    assert str(e.value) == f"exp.yaml: {expected}"
+    text = {NAN: ".nan", INF: ".inf"}  # the same through a YAML file and through --set, as the CLI reports it
+    yaml_value = ("[" + ", ".join(text.get(v, str(v)) for v in value) + "]" if isinstance(value, list)
+                  else text.get(value, str(value)))
+    with pytest.raises(SystemExit) as e:
+        load_with(f"{section}.{key}={yaml_value}")
+    assert str(e.value).startswith("error: ") and str(e.value).endswith(expected), e.value
+
+
+def test_every_number_field_declares_its_range():
+    import dataclasses
+    import typing
+
+    from trainer.train.config import SECTIONS
+
+    for name, kind in SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            hint = typing.get_type_hints(kind)[f.name]
+            numeric = {int, float} & {*typing.get_args(hint), hint, *(a for t in typing.get_args(hint)
+                                                                       for a in typing.get_args(t))}
+            assert not numeric or "allowed" in f.metadata, f"{name}.{f.name} declares no range (config.number)"
+
+
+def test_block_side_must_tile_the_token_grid():
+    with pytest.raises(ValueError, match=r"mask.block = 3: block masks tile the 16x16 token grid .* divides 16"):
+        ExperimentConfig.from_dict({"model": {"preset": "tiny", "input": "pixel", "image_size": 32, "patch_size": 2},
+                                    "mask": {"kind": "block", "block": 3}})
+    ExperimentConfig.from_dict({"model": {"preset": "tiny", "input": "pixel", "image_size": 32, "patch_size": 2},
+                                "mask": {"kind": "block", "block": 3, "rate": 0.0}})  # no masks drawn: any block
+
+
+def test_weights_one_per_source_and_not_all_zero():
+    with pytest.raises(ValueError, match=r"data.weights = \(1.0,\): one weight >= 0 per data.sources entry \(2 now\)"):
+        ExperimentConfig.from_dict({"data": {"sources": ["a", "b"], "weights": [1]}})
+    with pytest.raises(ValueError, match=r"data.weights = \(0.0, 0.0\).*not all 0"):
+        ExperimentConfig.from_dict({"data": {"sources": ["a", "b"], "weights": [0, 0]}})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_in_range(path):
+    ExperimentConfig.from_yaml(path)

@@ -20,7 +20,8 @@ def test_sampling_flags_round_trip_and_name_the_folder():
 
 
 @pytest.mark.parametrize("bad, needle", [(dict(steps=0), "sampling steps 0"), (dict(n=0), "number of images 0"),
-                                         (dict(sampler="euler"), "sampler 'euler'"), (dict(eta=-1), "eta -1")])
+                                         (dict(sampler="euler"), "sampler 'euler'"), (dict(eta=-1), "eta -1"),
+                                         (dict(eta=float("nan")), "eta nan: must be a finite number >= 0")])
 def test_bad_sampling_settings_are_refused(bad, needle):
     with pytest.raises(ValueError, match=needle):
         SamplingConfig(**bad)
@@ -35,7 +36,7 @@ def test_bad_sampling_settings_are_refused(bad, needle):
 def test_the_grids_sampling_comes_from_the_train_section():
     t = TrainConfig(sample_n=9, sample_steps=20, sample_eta=0.0)
     assert t.sampling == SamplingConfig(steps=20, eta=0.0, n=9)
-    with pytest.raises(ValueError, match="train.sample_n / sample_steps / sample_eta: sampling steps 2000"):
+    with pytest.raises(ValueError, match=r"train.sample_steps = 2000: must be an integer in \[1, 1000\]"):
         ExperimentConfig.from_dict({"train": {"sample_steps": 2000}})
 
 

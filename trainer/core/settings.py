@@ -79,8 +79,8 @@ class SamplingConfig:
             raise ValueError(f"sampling steps {self.steps}: must be in [1, 1000]")
         if self.n < 1:
             raise ValueError(f"number of images {self.n}: must be >= 1")
-        if self.eta < 0:
-            raise ValueError(f"eta {self.eta}: must be >= 0")
+        if not 0 <= self.eta < float("inf"):  # NaN fails too
+            raise ValueError(f"eta {self.eta}: must be a finite number >= 0")
 
     def replace(self, **changes) -> "SamplingConfig":
         return replace(self, **changes)

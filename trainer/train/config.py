@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -24,15 +25,62 @@ from trainer.core.settings import (DECAY_GROUPS, DWT_TOKENS, DWT_WEIGHTINGS, INP
                                    SCHEDULES, SamplingConfig)
 
 __all__ = ["ModelConfig", "MaskConfig", "DataConfig", "OptimConfig", "LossConfig", "TrainConfig",
-           "ExperimentConfig", "parse_overrides", "batch_arithmetic"]
+           "ExperimentConfig", "Allowed", "parse_overrides", "batch_arithmetic"]
+
+
+# --- allowed values: every number field declares its range once, checked on construction ----------------------
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values a number field accepts (each item, for a tuple field): finite, lo <= v (lo < v when lo_open),
+    and v < hi (v <= hi when not hi_open) when hi is given."""
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = True
+
+    def admits(self, v) -> bool:
+        return (math.isfinite(v) and (v > self.lo if self.lo_open else v >= self.lo)
+                and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)))
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo}"
+        return f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE, FRACTION = Allowed(0, lo_open=True), Allowed(0), Allowed(1), Allowed(0, 1)
+
+
+def number(default, allowed: Allowed):
+    """A dataclass field whose values `check_numbers` holds to `allowed`."""
+    return field(default=default, metadata={"allowed": allowed})
+
+
+def check_numbers(cfg, section: str) -> None:
+    """ValueError naming SECTION.KEY, the value and its allowed range for the first number field of `cfg` outside
+    the range its `number(...)` declaration gives (NaN and infinities never pass)."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        allowed, value = f.metadata.get("allowed"), getattr(cfg, f.name)
+        if allowed is None or value is None:
+            continue
+        many = isinstance(value, tuple)
+        integer = int in (typing.get_args(hints[f.name]) or (hints[f.name],))
+        kind = "an integer" if integer else "a finite number"
+        for v in value if many else (value,):
+            if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not allowed.admits(v):
+                shown = tuple(value) if many else value
+                raise ValueError(f"{section}.{f.name} = {shown!r}: {'each item ' if many else ''}must be {kind} "
+                                 f"{allowed}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "S"
     input: str = "dwt"            # "dwt": 12 Haar bands at half the crop size; "pixel": RGB at image_size
-    image_size: int = 256         # side of the training images in pixels
-    patch_size: int = 4
+    image_size: int = number(256, Allowed(2))  # side of the training images in pixels
+    patch_size: int = number(4, AT_LEAST_ONE)
     grad_checkpoint: bool = False
     compile: bool = False         # torch.compile of the model in training (DeepSpeed's engine.compile: same weight names)
     # DWT input only. "joint" (ours): one token per 4x4 patch of all 12 bands (1024 tokens at 256 px); "split" (the
@@ -41,6 +89,7 @@ class ModelConfig:
     overrides: dict = field(default_factory=dict)  # any UViTConfig field, e.g. {dim: 64, depth: [1, 1, 1]}
 
     def __post_init__(self):
+        check_numbers(self, "model")
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset {self.preset!r}: choose one of {list(PRESETS)}")
         if self.input not in INPUT_MODES:
@@ -81,54 +130,56 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MaskConfig:
     kind: str = "block"
-    rate: float = 0.9             # 0: ordinary denoising score matching on every patch
-    block: int = 4
+    rate: float = number(0.9, FRACTION)  # 0: ordinary denoising score matching on every patch
+    block: int = number(4, AT_LEAST_ONE)  # side of a masked block, in tokens
 
     def __post_init__(self):
+        check_numbers(self, "mask")
         if self.kind not in MASK_KINDS:
             raise ValueError(f"mask.kind {self.kind!r}: choose one of {MASK_KINDS}")
-        if not 0 <= self.rate < 1:
-            raise ValueError(f"mask.rate {self.rate}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     sources: tuple[str, ...] = ()  # shard sets: folders or URLs with manifest.json, brace patterns
-    weights: tuple[float, ...] | None = None  # mixing weights, one per source
+    weights: tuple[float, ...] | None = number(None, NON_NEGATIVE)  # mixing weights, one per source
     order: str = "resampled"      # "resampled" (pre-training) or "exact" (epochs: fine-tuning, evaluation)
     # DataLoader workers per rank: 8 keep an H100 fed on B at 90% masking from local shards or JPEG-only bucket
     # shards (6-8 needed, bench/loader_throughput.py, docs/performance.md); dwt.f16 shards from a bucket need more
-    workers: int = 8
-    prefetch: int = 2             # micro-batches each worker keeps ready (DataLoader prefetch_factor; workers > 0)
-    buffer: int = 1000
-    shards_per_chunk: int = 4
+    workers: int = number(8, NON_NEGATIVE)  # 0: load in the training process
+    prefetch: int = number(2, AT_LEAST_ONE)  # micro-batches each worker keeps ready (DataLoader prefetch_factor)
+    buffer: int = number(1000, AT_LEAST_ONE)  # shuffle buffer, in samples
+    shards_per_chunk: int = number(4, AT_LEAST_ONE)
     flip: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(self.weights))
+        check_numbers(self, "data")
         if self.order not in ORDERS:
             raise ValueError(f"data.order {self.order!r}: choose one of {ORDERS}")
-        if self.workers < 0 or self.prefetch < 1:
-            raise ValueError(f"data.workers {self.workers} / data.prefetch {self.prefetch}: workers >= 0 (0: load in "
-                             f"the training process), prefetch >= 1")
+        if self.weights is not None and (sum(self.weights) <= 0 or self.sources and
+                                         len(self.weights) != len(self.sources)):
+            raise ValueError(f"data.weights = {self.weights!r}: one weight >= 0 per data.sources entry "
+                             f"({len(self.sources)} now), not all 0")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 2e-4
-    betas: tuple[float, ...] = (0.99, 0.99)  # AdamW, as the paper
-    weight_decay: float = 0.03
-    warmup_steps: int = 0         # linear warm-up, then constant
+    lr: float = number(2e-4, POSITIVE)
+    betas: tuple[float, ...] = number((0.99, 0.99), FRACTION)  # AdamW, as the paper
+    weight_decay: float = number(0.03, NON_NEGATIVE)
+    warmup_steps: int = number(0, NON_NEGATIVE)  # linear warm-up, then constant
     # which parameters weight decay applies to: "matrices" (ours: not biases, norms, q/v biases or the positional
     # embedding, the usual ViT practice) or "all" (the reference: AdamW's decay on every parameter)
     decay: str = "matrices"
 
     def __post_init__(self):
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        if self.lr <= 0 or len(self.betas) != 2:
-            raise ValueError(f"optim: lr must be > 0 and betas two numbers, got lr={self.lr} betas={self.betas}")
+        object.__setattr__(self, "betas", tuple(self.betas))
+        check_numbers(self, "optim")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas = {self.betas!r}: give two numbers, each in [0, 1)")
         if self.decay not in DECAY_GROUPS:
             raise ValueError(f"optim.decay {self.decay!r}: choose one of {DECAY_GROUPS}")
 
@@ -147,36 +198,33 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100_000
-    global_batch: int = 256
-    micro_batch: int = 32
+    steps: int = number(100_000, AT_LEAST_ONE)
+    global_batch: int = number(256, AT_LEAST_ONE)
+    micro_batch: int = number(32, AT_LEAST_ONE)
     schedule: str = "cosine"      # beta schedule, T = 1000
-    ema_decay: float = 0.999
+    ema_decay: float = number(0.999, FRACTION)
     ema_warmup: bool = True       # decay 1-(1+k)^(-2/3) capped at ema_decay (trainer/train/ema.py): short runs' EMA is usable
-    ema_every: int = 1            # average every N-th applied optimiser step (the reference's L-DWT runs: 10)
-    ema_update_after: int = 0     # warm-up: copy the weights for steps 0..N (ema-pytorch's update_after_step; reference 100)
-    seed: int = 0
-    log_every: int = 50
-    sample_every: int = 5000
-    ckpt_every: int = 5000
-    sample_n: int = 16
-    sample_steps: int = 50
-    sample_eta: float = 1.0       # DDIM eta of the grids: 1 (stochastic) shows young models fairly; 0 saturates them
+    ema_every: int = number(1, AT_LEAST_ONE)  # average every N-th applied optimiser step (the reference's L-DWT runs: 10)
+    # warm-up: copy the weights for steps 0..N (ema-pytorch's update_after_step; reference 100)
+    ema_update_after: int = number(0, NON_NEGATIVE)
+    seed: int = number(0, Allowed(0, 2**32))  # torch generators take seed x 100003 + rank (< 2**64)
+    log_every: int = number(50, AT_LEAST_ONE)
+    sample_every: int = number(5000, AT_LEAST_ONE)
+    ckpt_every: int = number(5000, AT_LEAST_ONE)
+    sample_n: int = number(16, AT_LEAST_ONE)
+    sample_steps: int = number(50, Allowed(1, 1000, hi_open=False))
+    # DDIM eta of the grids: 1 (stochastic) shows young models fairly; 0 saturates them
+    sample_eta: float = number(1.0, NON_NEGATIVE)
     tensorboard: bool = False     # also write the training records to RUN_DIR/tensorboard (needs tensorboard)
-    keep_last: int = 0            # keep only the newest N stepN checkpoints (0: keep all; see trainer/train/checkpoints.py)
-    max_nonfinite: int = 20       # fp16: this many consecutive overflowing steps stop the run (see trainer/train/loop.py)
+    # keep only the newest N stepN checkpoints (0: keep all; see trainer/train/checkpoints.py)
+    keep_last: int = number(0, NON_NEGATIVE)
+    # fp16: this many consecutive overflowing steps stop the run (see trainer/train/loop.py)
+    max_nonfinite: int = number(20, AT_LEAST_ONE)
 
     def __post_init__(self):
+        check_numbers(self, "train")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule {self.schedule!r}: choose one of {SCHEDULES}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"train.ema_decay {self.ema_decay}: must be in [0, 1)")
-        if self.keep_last < 0:
-            raise ValueError(f"train.keep_last {self.keep_last}: 0 (keep every checkpoint) or the number to keep")
-        if min(self.steps, self.global_batch, self.micro_batch, self.max_nonfinite, self.ema_every) < 1:
-            raise ValueError("train.steps, global_batch, micro_batch, max_nonfinite and ema_every must be >= 1")
-        if self.ema_update_after < 0:
-            raise ValueError(f"train.ema_update_after {self.ema_update_after}: must be >= 0")
         try:
             self.sampling
         except ValueError as e:
@@ -203,6 +251,11 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        grid = self.model.model_size // self.model.patch_size
+        if self.mask.kind == "block" and self.mask.rate > 0 and grid % self.mask.block:
+            raise ValueError(f"mask.block = {self.mask.block}: block masks tile the {grid}x{grid} token grid "
+                             f"(model.image_size {self.model.image_size}, patch_size {self.model.patch_size}); "
+                             f"choose a block side that divides {grid}")
         if self.loss.dwt_weighting == "bands" and self.model.input != "dwt":
             raise ValueError("loss.dwt_weighting: bands weighs the cA and detail bands of DWT input; with model.input:"
                              " pixel leave it at uniform")
@@ -226,7 +279,11 @@ class ExperimentConfig:
             bad = set(section) - set(hints)
             if bad:
                 raise ValueError(f"{where}: unknown keys {sorted(bad)} in '{key}'; allowed: {sorted(hints)}")
-            parts[key] = kind(**{k: coerce(v, hints[k], f"{where}: {key}.{k}") for k, v in section.items()})
+            values = {k: coerce(v, hints[k], f"{where}: {key}.{k}") for k, v in section.items()}
+            try:
+                parts[key] = kind(**values)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
         try:
             return cls(name=str(d.get("name", "run")), **parts)
         except ValueError as e:
