@@ -163,8 +163,24 @@ def hardware() -> dict:
 
 # --- data: the project's pipeline -------------------------------------------------------------------------------
 
+def _safe_relative(rel: str) -> bool:
+    """Whether `rel` names a file strictly inside a folder: relative, no empty, "." or ".." parts."""
+    return bool(rel) and "\\" not in rel and not any(p in ("", ".", "..") for p in rel.split("/"))
+
+
+def _below_top(name: str) -> str:
+    """LFW's "lfw/<identity>/<image>.jpg" -> "<identity>/<image>.jpg"."""
+    return name.partition("/")[2]
+
+
+def _base_name(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
 def _extract(tar_path: Path, dest: Path, limit: int | None, place) -> None:
-    """Unpack the JPEGs of `tar_path` (the first `limit`) into dest via place(member name) -> relative path."""
+    """Unpack the JPEGs of `tar_path` (the first `limit`) into dest via place(member name) -> relative path.
+    Regular files only; a member whose relative path could leave `dest` (absolute, "..", empty parts) is skipped
+    and counted."""
     if dest.is_dir():
         return
     if not tar_path.is_file():
@@ -172,16 +188,22 @@ def _extract(tar_path: Path, dest: Path, limit: int | None, place) -> None:
                          f"(see its README); point --data at the folder that holds {tar_path.name}")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    n = 0
+    n = unsafe = 0
     with tarfile.open(tar_path) as tar:
         for m in tar:
             if m.isfile() and m.name.lower().endswith(".jpg"):
                 rel = place(m.name)
+                if not _safe_relative(rel):
+                    unsafe += 1
+                    continue
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(tar.extractfile(m).read())
                 n += 1
                 if limit and n >= limit:
                     break
+    if unsafe:
+        print(f"  {tar_path}: skipped {unsafe} member(s) whose names would leave {dest} (absolute, '..' or empty "
+              f"parts)", flush=True)
     tmp.rename(dest)  # only a complete extraction is reused
 
 
@@ -198,7 +220,7 @@ def make_data(out: Path, data: Path, scale: Scale) -> dict[str, Path]:
     raw, shards = out / "data" / "raw", out / "data"
     lfw_vgg = raw / "lfw-vggface2"
     if not (lfw_vgg / "bb_landmark" / "loose_bb_train.csv").exists():
-        _extract(data / LFW_TAR, raw / "lfw", scale.limit, lambda name: name.split("/", 1)[1])
+        _extract(data / LFW_TAR, raw / "lfw", scale.limit, _below_top)
         # VGGFace2's layout: train/<identity>/<image>.jpg plus bb_landmark/loose_bb_train.csv
         rows = ["NAME_ID,X,Y,W,H"]
         for p in sorted((raw / "lfw").rglob("*.jpg")):
@@ -208,7 +230,7 @@ def make_data(out: Path, data: Path, scale: Scale) -> dict[str, Path]:
         (lfw_vgg / "bb_landmark").mkdir(parents=True)
         (raw / "lfw").rename(lfw_vgg / "train")
         (lfw_vgg / "bb_landmark" / "loose_bb_train.csv").write_text("\n".join(rows) + "\n")
-    _extract(data / CELEBA_TAR, raw / "celeba", scale.limit, lambda name: name.rsplit("/", 1)[1])
+    _extract(data / CELEBA_TAR, raw / "celeba", scale.limit, _base_name)
     sets = {"lfw": shards / "lfw", "celeba-all": shards / "celeba-all", "celeba-10": shards / "celeba-10",
             "celeba-1": shards / "celeba-1", "celeba-10-seed1": shards / "celeba-10-seed1"}
     common = ["--size", scale.size, "--no-dwt", "--shard-size", 1000, "--workers", min(2, os.cpu_count() or 1)]
