@@ -7,6 +7,13 @@ to set. `credentials_guard(url)` turns them into `SystemExit("error: ...")` nami
 and which of them are set now, never their values (the text is scrubbed of every secret in the environment).
 It lives in `pipeline` because `pipeline` never imports `trainer`; `trainer.bucket` re-exports these names.
 
+Credentials never travel in a URL (`s3://KEY:SECRET@bucket/...`, `https://user:pass@host/...`): s3fs does not read
+them there (it would take `KEY:SECRET@bucket` for the bucket's name), and every URL a command is given is printed
+and saved with the run (config.yaml, checkpoints, the safetensors metadata, the model card). `credentials_in_url`
+is the one check, applied where a URL enters (the experiment config's data.sources, `pipeline.store.Store`, the
+weight loaders, export/publish): the URL is refused with a message that shows it without them and says what to
+set instead. `without_credentials` removes the user-info of every URL in a text (messages are scrubbed with it).
+
 What counts as refused credentials: s3fs turns 403 (AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch,
 ExpiredToken) into PermissionError; botocore raises NoCredentialsError / ProfileNotFound itself (matched by class
 name: the client libraries are optional). A PermissionError on a local path is not a bucket's and passes through.
@@ -15,9 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 __all__ = ["FSSPEC_SCHEMES", "is_bucket", "is_credentials_error", "credentials_message", "credentials_guard",
-           "SECRET_VARS", "CREDENTIAL_HELP"]
+           "credentials_in_url", "refuse_url_credentials", "without_credentials", "SECRET_VARS", "CREDENTIAL_HELP"]
 
 FSSPEC_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
 # Secrets that must never reach a message (an error text is scrubbed of their values before it is raised).
@@ -52,6 +60,7 @@ def is_credentials_error(e: BaseException) -> bool:
 
 def credentials_message(url: str, e: BaseException) -> str:
     """A user error for refused credentials: the bucket, what to set, which variables are set (never values)."""
+    url = without_credentials(url)
     protocol, _, rest = url.partition("://")
     what, names = CREDENTIAL_HELP.get(_FAMILY.get(protocol, ""), ("check the store's credentials", ()))
     state = ", ".join(f"{n} {'set' if os.environ.get(n) else 'unset'}" for n in names)
@@ -72,8 +81,50 @@ def credentials_guard(url: str):
         raise
 
 
+# --- credentials inside URLs -------------------------------------------------------------------------------------
+
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)(\S+)")
+_HOST_PORT = re.compile(r"[^:@]*:\d*")
+
+
+def _userinfo_end(rest: str) -> int:
+    """Length of the user-info (through its last "@") at the start of `rest`, the text after "scheme://"; 0 when
+    there is none. The authority ends at the first "/", but a raw secret may hold "/" (AWS secret keys often do), so
+    a first segment with a ":" that is no host:port also marks one; the last "@" ends it (removing too much from a
+    path that holds "@" is harmless, leaving part of a secret is not)."""
+    first = rest.split("/", 1)[0]
+    if "@" not in rest or not ("@" in first or (":" in first and not _HOST_PORT.fullmatch(first))):
+        return 0
+    return rest.rindex("@") + 1
+
+
+def without_credentials(text: str) -> str:
+    """`text` with the user-info (USER:SECRET@) of every URL in it removed."""
+    return _URL.sub(lambda m: m[1] + m[2][_userinfo_end(m[2]):], text)
+
+
+def credentials_in_url(url: str, where: str) -> str | None:
+    """The user error for a URL that holds credentials, naming `where` (a flag or config key) and the URL without
+    them; None for any other URL or path."""
+    if without_credentials(str(url)) == str(url):
+        return None
+    protocol = str(url).split("://", 1)[0]
+    what = CREDENTIAL_HELP.get(_FAMILY.get(protocol, ""), ("pass them the way the store's client documents",))[0]
+    return (f"{where} {without_credentials(str(url))}: remove the credentials (USER:SECRET@) from the URL: they would "
+            f"be printed and saved with the run (config.yaml, checkpoints, model card); instead, {what}")
+
+
+def refuse_url_credentials(url: str, where: str) -> None:
+    """SystemExit("error: ...") when `url` holds credentials (see `credentials_in_url`)."""
+    msg = credentials_in_url(url, where)
+    if msg:
+        raise SystemExit(f"error: {msg}")
+
+
 def _scrub(text: str) -> str:
     import fsspec
+
+    text = without_credentials(text)
 
     secrets = [os.environ.get(n) for n in SECRET_VARS]
     secrets += [v for k, v in fsspec.config.conf.get("s3", {}).items() if k in ("secret", "token") and v]

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import fsspec
 
+from pipeline.credentials import refuse_url_credentials
+
 __all__ = ["Store"]
 
 
 class Store:
     def __init__(self, url: str):
+        refuse_url_credentials(url, "URL")
         self.url = url.rstrip("/")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)

@@ -181,3 +181,73 @@ def test_pixel_mode_resize_warns_once_with_both_sizes(shards, caplog):
         stream = ShardStream(StreamConfig((str(shards),), mode="pixel", resolution=16, batch_size=2, buffer=4))
         next(iter(stream))
         assert [r for r in caplog.records if r.name == "trainer.data.stream"] == []  # same size: nothing to say
+
+
+# --- credentials inside a URL: refused where the URL enters, never printed or stored ------------------------------
+
+URL_KEY, URL_SECRET = "AKIAEXAMPLEKEYID", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"  # AWS secrets may hold "/" and "+"
+
+
+@pytest.mark.slow
+def test_credentials_in_a_url_are_refused_and_never_printed_or_stored(s3_server, shards, tmp_path):
+    """Every command that takes a URL, given one with KEY:SECRET@: one line naming the flag or key and the URL
+    without them, exit 1, and neither the secret nor the key in its output or in any file the commands left."""
+    secret_bucket = f"s3://{URL_KEY}:{URL_SECRET}@test-bucket"
+    runs = {name: [a.replace(BUCKET, secret_bucket) for a in args] for name, args in commands(tmp_path, shards).items()}
+    quickstart = ["--config", str(REPO / "configs" / "quickstart.yaml"), "--deepspeed_config",
+                  str(REPO / "ds_configs" / "cpu_fp32.json")]
+    runs["finetune"] = [str(REPO / "trainer" / "finetune.py"), *quickstart, "--run-dir", str(tmp_path / "ft-run"),
+                        "--init", f"{secret_bucket}/models/tiny/model.safetensors", "--set", f"data.sources=[{shards}]",
+                        "--set", "mask.rate=0"]
+    runs["schedule"] = ["-m", "trainer.schedule", *quickstart, "--run-dir", str(tmp_path / "sched-run"), "--every",
+                        "1", "--publish", f"{secret_bucket}/models", "--set", "data.sources=[/nonexistent]"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASKDM_BUCKET_RETRIES": "0"}
+    failures = []
+    for name, args in runs.items():
+        r = subprocess.run([sys.executable, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+        text = r.stdout + r.stderr
+        lines = r.stderr.strip().splitlines()
+        if (r.returncode != 1 or "Traceback" in text or URL_SECRET in text or URL_KEY in text or len(lines) != 1
+                or "s3://test-bucket/" not in lines[0] or "remove the credentials (USER:SECRET@)" not in lines[0]
+                or "AWS_ACCESS_KEY_ID" not in lines[0]):
+            failures.append(f"{name} (exit {r.returncode}):\n{text[-3000:]}")
+    assert not failures, "\n\n".join(failures)
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and (URL_SECRET.encode() in p.read_bytes()
+                                                                   or URL_KEY.encode() in p.read_bytes())]
+    assert not leaked
+    assert not (tmp_path / "train-run").exists() and not (tmp_path / "ft-run").exists()
+    assert not (tmp_path / "export").exists()  # refused before the model card (which names the URL) was written
+
+
+@pytest.mark.parametrize("url, shown", [
+    (f"s3://{URL_KEY}:{URL_SECRET}@test-bucket/shards", "s3://test-bucket/shards"),
+    ("s3://tok3nvalue@test-bucket/x", "s3://test-bucket/x"),
+    ("https://user:p@ss@host:8443/set", "https://host:8443/set"),
+    ("simplecache::s3://KEY:SECRET@b/x", "simplecache::s3://b/x"),
+    ("s3://test-bucket/runs@v2/x", None),   # "@" in a path is no user-info
+    ("https://host:8443/a@b", None),
+    ("/data/shards@v2", None),
+])
+def test_credentials_are_found_in_any_url_and_shown_without_them(url, shown):
+    from pipeline.credentials import credentials_in_url, credentials_message, without_credentials
+
+    msg = credentials_in_url(url, "data.sources")
+    assert (msg is None) == (shown is None)
+    if shown:
+        assert without_credentials(url) == shown and msg.startswith(f"data.sources {shown}: remove the credentials")
+        userinfo = url[url.rindex("://") + 3:url.rindex("@")]
+        assert userinfo not in credentials_message(url, PermissionError(f"denied for {url!r}"))
+    else:
+        assert without_credentials(url) == url
+
+
+def test_the_config_refuses_a_source_with_credentials(tmp_path):
+    from trainer.train.config import ExperimentConfig
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"data: {{sources: [/local, 's3://{URL_KEY}:{URL_SECRET}@test-bucket/shards']}}\n")
+    with pytest.raises(ValueError) as e:
+        ExperimentConfig.from_yaml(path)
+    assert str(e.value).startswith(f"{path}: data.sources s3://test-bucket/shards: remove the credentials")
+    assert URL_SECRET not in str(e.value) and URL_KEY not in str(e.value)

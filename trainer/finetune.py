@@ -27,6 +27,7 @@ from trainer.weights.load import WEIGHTS  # noqa: E402
 def main(argv=None) -> None:
     import torch.distributed as dist
 
+    from pipeline.credentials import refuse_url_credentials
     from trainer.data.shards import check_sources
     from trainer.train.loop import training_loop
     from trainer.train.rundir import RunDir
@@ -45,6 +46,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {args.config}: fine-tuning trains on every patch; set mask.rate: 0 "
                          f"(it is {cfg.mask.rate})")
     check_sources(cfg.data.sources)  # before the run directory exists
+    refuse_url_credentials(args.init, "--init")  # it is printed and kept in the run's records
 
     which = args.init_weights or ("online" if is_training_run(args.init) else "ema")
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 
+from pipeline.credentials import refuse_url_credentials
 from trainer.core.settings import EXPORT_DTYPES, SamplingConfig
 from trainer.train.checkpoints import latest_tag
 from trainer.train.jobs import REPO
@@ -81,6 +82,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.every < 1:
         raise SystemExit("error: --every must be >= 1")
+    for flag, url in (("--publish", args.publish), ("--ref", args.ref or "")):
+        refuse_url_credentials(url, flag)  # before training: both are printed and the URL lands in the model card
     try:  # the milestones' evaluation: DDIM, eta 1 (SamplingConfig's defaults)
         sampling = SamplingConfig(n=args.eval_n, steps=args.eval_steps)
     except ValueError as e:

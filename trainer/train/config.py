@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.credentials import credentials_in_url
 from trainer.core.settings import (DECAY_GROUPS, DWT_TOKENS, DWT_WEIGHTINGS, INPUT_MODES, MASK_KINDS, ORDERS, PRESETS,
                                    SCHEDULES, SamplingConfig)
 
@@ -157,6 +158,9 @@ class DataConfig:
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(self.weights))
         check_numbers(self, "data")
+        for source in self.sources:
+            if msg := credentials_in_url(source, "data.sources"):
+                raise ValueError(msg)
         if self.order not in ORDERS:
             raise ValueError(f"data.order {self.order!r}: choose one of {ORDERS}")
         if self.weights is not None and (sum(self.weights) <= 0 or self.sources and

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.credentials import credentials_guard
+from pipeline.credentials import credentials_guard, refuse_url_credentials
 from trainer.train.checkpoints import latest_tag
 from trainer.train.rundir import RunDir
 
@@ -133,6 +133,7 @@ def header_metadata(data: bytes) -> dict[str, str]:
 def _fs(url: str):
     import fsspec
 
+    refuse_url_credentials(url, "weights URL")
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:

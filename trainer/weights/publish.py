@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.credentials import refuse_url_credentials
 from trainer.core.settings import EXPORT_DTYPES, torch_dtype
 from trainer.train.rundir import RunDir
 from trainer.weights.load import FORMAT_VERSION, INDEX, decode_metadata, header_metadata, read_deepspeed, sha256_file
@@ -195,6 +196,8 @@ def export(ckpt_dir: str, out: str | Path, dtype: str = "fp32", tag: str | None 
     from trainer.train.config import ExperimentConfig
 
     out = Path(out)
+    if url:  # before anything is written: the model card names it
+        refuse_url_credentials(url, "--publish")
     if dtype not in EXPORT_DTYPES:
         raise SystemExit(f"error: --dtype {dtype}: an export stores one of {', '.join(EXPORT_DTYPES)}")
     if out.suffix != ".safetensors":
