@@ -33,7 +33,7 @@ DEFAULT_MIN_SIDE = 32        # skip sources whose crop square is smaller than th
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 9459 x 9459)
 
 __all__ = ["BadInput", "CropResult", "process_image", "face_square", "centre_square", "haar_dwt_uint8", "haar_dwt_f16",
-           "haar_idwt_to_uint8", "image_grid",
+           "haar_idwt_to_uint8", "crop_from_dwt_f16", "encode_jpeg", "image_grid",
            "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS"]
 
 
@@ -95,6 +95,29 @@ def haar_dwt_f16(crop: np.ndarray) -> np.ndarray:
     np.subtract(u, v, out=k[9:12])
     k += 510
     return _F16_LUT.take(k)
+
+
+def crop_from_dwt_f16(bands: np.ndarray) -> np.ndarray | None:
+    """The (H, W, 3) uint8 crop whose `haar_dwt_f16` is `bands`, or None when `bands` is no such DWT. Exact: each
+    float16 band value is k * 0.5/255 for an integer k, and float16's half-spacing below 4 (1/1024) is under half
+    the spacing of k (1/1020), so rounding recovers k; the four k of a 2x2 block give its pixels as sums / 4."""
+    k = np.rint(bands.astype(np.float64) * 510).astype(np.int32)  # (12, h, w)
+    kA, kH, kV, kD = k[0:3], k[3:6], k[6:9], k[9:12]
+    _, h, w = kA.shape
+    x = np.empty((3, h, 2, w, 2), np.int32)
+    x[:, :, 0, :, 0], x[:, :, 0, :, 1] = kA + kH + kV + kD, kA + kH - kV - kD
+    x[:, :, 1, :, 0], x[:, :, 1, :, 1] = kA - kH + kV - kD, kA - kH - kV + kD
+    if (x % 4).any() or x.min() < 0 or x.max() > 4 * 255:
+        return None
+    crop = np.ascontiguousarray((x // 4).reshape(3, 2 * h, 2 * w).transpose(1, 2, 0)).astype(np.uint8)
+    return crop if np.array_equal(haar_dwt_f16(crop), bands) else None
+
+
+def encode_jpeg(crop: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> the sample's JPEG bytes: quality JPEG_QUALITY, 4:4:4 (no chroma subsampling)."""
+    out = io.BytesIO()
+    Image.fromarray(crop).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return out.getvalue()
 
 
 def haar_idwt_to_uint8(bands: np.ndarray) -> np.ndarray:
@@ -204,13 +227,11 @@ def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = 
     rx, ry = im.size[0] / W, im.size[1] / H
     l, t, r, b = square
     crop = _crop_square(_to_rgb(im), (l + r) / 2 * rx, (t + b) / 2 * ry, side * (rx + ry) / 2, size)
-    out = io.BytesIO()
-    Image.fromarray(crop).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     dwt = encode_dwt(haar_dwt_f16(crop)) if with_dwt else None
     meta = {"width": W, "height": H, "box": list(box) if box is not None else None,
             "crop": [round(v, 2) for v in square], "scale": round(size / side, 6),
             "sha256": hashlib.sha256(data).hexdigest()}
-    return CropResult(out.getvalue(), dwt, meta)
+    return CropResult(encode_jpeg(crop), dwt, meta)
 
 
 def _crop_square(im: Image.Image, cx: float, cy: float, side: float, size: int) -> np.ndarray:
