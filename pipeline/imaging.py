@@ -97,20 +97,27 @@ def haar_dwt_f16(crop: np.ndarray) -> np.ndarray:
     return _F16_LUT.take(k)
 
 
+# ... and back: the k of each float16 bit pattern that `_F16_LUT` holds (distinct: float16's spacing below 4, 1/512,
+# is under that of k, 1/510), and _NOT_K for every other pattern.
+_NOT_K = np.int16(-32768)
+_K_OF_F16 = np.full(1 << 16, _NOT_K, np.int16)
+_K_OF_F16[_F16_LUT.view(np.uint16)] = np.arange(-510, 1021, dtype=np.int16)
+
+
 def crop_from_dwt_f16(bands: np.ndarray) -> np.ndarray | None:
-    """The (H, W, 3) uint8 crop whose `haar_dwt_f16` is `bands`, or None when `bands` is no such DWT. Exact: each
-    float16 band value is k * 0.5/255 for an integer k, and float16's half-spacing below 4 (1/1024) is under half
-    the spacing of k (1/1020), so rounding recovers k; the four k of a 2x2 block give its pixels as sums / 4."""
-    k = np.rint(bands.astype(np.float64) * 510).astype(np.int32)  # (12, h, w)
+    """The (H, W, 3) uint8 crop whose `haar_dwt_f16` is `bands` (exactly), or None when `bands` is no such DWT:
+    each value gives back its k (`_K_OF_F16`), and the four k of a 2x2 block give its pixels as sums / 4."""
+    k = _K_OF_F16.take(np.ascontiguousarray(bands, dtype="<f2").view(np.uint16))  # (12, h, w)
+    if (k == _NOT_K).any():
+        return None
     kA, kH, kV, kD = k[0:3], k[3:6], k[6:9], k[9:12]
     _, h, w = kA.shape
-    x = np.empty((3, h, 2, w, 2), np.int32)
+    x = np.empty((3, h, 2, w, 2), np.int16)
     x[:, :, 0, :, 0], x[:, :, 0, :, 1] = kA + kH + kV + kD, kA + kH - kV - kD
     x[:, :, 1, :, 0], x[:, :, 1, :, 1] = kA - kH + kV - kD, kA - kH - kV + kD
-    if (x % 4).any() or x.min() < 0 or x.max() > 4 * 255:
+    if (x & 3).any() or x.min() < 0 or x.max() > 4 * 255:
         return None
-    crop = np.ascontiguousarray((x // 4).reshape(3, 2 * h, 2 * w).transpose(1, 2, 0)).astype(np.uint8)
-    return crop if np.array_equal(haar_dwt_f16(crop), bands) else None
+    return np.ascontiguousarray((x >> 2).reshape(3, 2 * h, 2 * w).transpose(1, 2, 0)).astype(np.uint8)
 
 
 def encode_jpeg(crop: np.ndarray) -> bytes:
