@@ -33,7 +33,7 @@ DEFAULT_MIN_SIDE = 32        # skip sources whose crop square is smaller than th
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 9459 x 9459)
 
 __all__ = ["BadInput", "CropResult", "process_image", "face_square", "centre_square", "haar_dwt_uint8", "haar_dwt_f16",
-           "haar_idwt_to_uint8", "image_grid",
+           "haar_idwt_to_uint8", "crop_from_dwt_f16", "encode_jpeg", "image_grid",
            "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS"]
 
 
@@ -95,6 +95,36 @@ def haar_dwt_f16(crop: np.ndarray) -> np.ndarray:
     np.subtract(u, v, out=k[9:12])
     k += 510
     return _F16_LUT.take(k)
+
+
+# ... and back: the k of each float16 bit pattern that `_F16_LUT` holds (distinct: float16's spacing below 4, 1/512,
+# is under that of k, 1/510), and _NOT_K for every other pattern.
+_NOT_K = np.int16(-32768)
+_K_OF_F16 = np.full(1 << 16, _NOT_K, np.int16)
+_K_OF_F16[_F16_LUT.view(np.uint16)] = np.arange(-510, 1021, dtype=np.int16)
+
+
+def crop_from_dwt_f16(bands: np.ndarray) -> np.ndarray | None:
+    """The (H, W, 3) uint8 crop whose `haar_dwt_f16` is `bands` (exactly), or None when `bands` is no such DWT:
+    each value gives back its k (`_K_OF_F16`), and the four k of a 2x2 block give its pixels as sums / 4."""
+    k = _K_OF_F16.take(np.ascontiguousarray(bands, dtype="<f2").view(np.uint16))  # (12, h, w)
+    if (k == _NOT_K).any():
+        return None
+    kA, kH, kV, kD = k[0:3], k[3:6], k[6:9], k[9:12]
+    _, h, w = kA.shape
+    x = np.empty((3, h, 2, w, 2), np.int16)
+    x[:, :, 0, :, 0], x[:, :, 0, :, 1] = kA + kH + kV + kD, kA + kH - kV - kD
+    x[:, :, 1, :, 0], x[:, :, 1, :, 1] = kA - kH + kV - kD, kA - kH - kV + kD
+    if (x & 3).any() or x.min() < 0 or x.max() > 4 * 255:
+        return None
+    return np.ascontiguousarray((x >> 2).reshape(3, 2 * h, 2 * w).transpose(1, 2, 0)).astype(np.uint8)
+
+
+def encode_jpeg(crop: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> the sample's JPEG bytes: quality JPEG_QUALITY, 4:4:4 (no chroma subsampling)."""
+    out = io.BytesIO()
+    Image.fromarray(crop).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return out.getvalue()
 
 
 def haar_idwt_to_uint8(bands: np.ndarray) -> np.ndarray:
@@ -204,13 +234,11 @@ def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = 
     rx, ry = im.size[0] / W, im.size[1] / H
     l, t, r, b = square
     crop = _crop_square(_to_rgb(im), (l + r) / 2 * rx, (t + b) / 2 * ry, side * (rx + ry) / 2, size)
-    out = io.BytesIO()
-    Image.fromarray(crop).save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
     dwt = encode_dwt(haar_dwt_f16(crop)) if with_dwt else None
     meta = {"width": W, "height": H, "box": list(box) if box is not None else None,
             "crop": [round(v, 2) for v in square], "scale": round(size / side, 6),
             "sha256": hashlib.sha256(data).hexdigest()}
-    return CropResult(out.getvalue(), dwt, meta)
+    return CropResult(encode_jpeg(crop), dwt, meta)
 
 
 def _crop_square(im: Image.Image, cx: float, cy: float, side: float, size: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 import pytest
 
 from helpers import fake_checkpoint
-from trainer.train.checkpoints import checkpoint_world, latest_tag, mark_complete, plan_resume, prune
+from trainer.train.checkpoints import checkpoint_world, latest_tag, mark_complete, plan_resume, prune, stream_mismatch
 
 
 def test_plan_resume(tmp_path):
@@ -43,3 +43,22 @@ def test_latest_complete_checkpoint_wins_over_a_partial_one(tmp_path):
     assert plan_resume(ckpt, "auto", 2) == ("step00000004", False)  # not a world-size change
     mark_complete(ckpt / "step00000008", 8, 2)
     assert latest_tag(ckpt) == "step00000008" and checkpoint_world(ckpt / "step00000008") == 2
+
+
+def test_stream_positions_continue_on_the_same_slots_only():
+    def client(ranks, workers, stored=True):
+        positions = [{"chunks": {str(w): [3, 5] for w in range(max(1, workers))}, "batches": 9}] * ranks
+        return {"positions": positions, **({"data_workers": workers} if stored else {})}
+
+    assert stream_mismatch(client(2, 4), 2, 4) is None
+    assert stream_mismatch(client(2, 0), 2, 1) is None and stream_mismatch(client(2, 1), 2, 0) is None  # one slot
+    assert stream_mismatch(client(2, 4), 1, 4) == "resumed on 1 ranks from a 2-rank checkpoint"
+    assert stream_mismatch(client(2, 4), 2, 2) == (
+        "data.workers is 2 but the checkpoint's stream was read by 4 workers per rank "
+        "(resume with --set data.workers=4 to continue it exactly)")
+    assert "read by 0 workers" in stream_mismatch(client(2, 0), 2, 3)
+    # written before the count was stored: resumes as before unless a position names a worker this run lacks
+    assert stream_mismatch(client(2, 4, stored=False), 2, 4) is None
+    assert stream_mismatch(client(2, 4, stored=False), 2, 8) is None  # not visible: continues as before
+    assert "read by at least 4 workers" in stream_mismatch(client(2, 4, stored=False), 2, 2)
+    assert stream_mismatch({"positions": [{"chunks": {}, "batches": 0}]}, 1, 0) is None

@@ -147,6 +147,21 @@ def test_resume_on_another_world_size_through_a_universal_checkpoint(tmp_path, z
     assert client["step"] == 4 and len(client["positions"]) == 1 and client["data_seed"] != 12345
 
 
+def test_resume_with_other_data_workers_restarts_the_stream_and_says_how_to_keep_it(tmp_path, zero_run):
+    z = zero_run(1)
+    run = tmp_path / "run"
+    shutil.copytree(z.at_step_2, run)  # 2 ranks, data.workers 0, to step 2
+    before = final_state(run, "step00000002")
+    r = launch(z.cfg, z.dsc, run, "--set", "data.workers=2")
+    assert ("data.workers is 2 but the checkpoint's stream was read by 0 workers per rank (resume with "
+            "--set data.workers=0 to continue it exactly): the data stream restarts with seed") in r.stdout
+    assert [x["step"] for x in records(run)] == [2, 4]
+    after = final_state(run, "step00000004")
+    assert after["data_seed"] != before["data_seed"]
+    assert before["data_workers"] == 0 and after["data_workers"] == 2
+    assert all(set(p["chunks"]) <= {"0", "1"} for p in after["positions"])
+
+
 def test_fp16_overflow_skips_the_step_and_the_ema(tmp_path, train_shards, cpu_fp16, monkeypatch):
     cfg, dsc = write_config(tmp_path, train_shards, steps=4, ckpt_every=3, stage=1)
     ds = json.loads(dsc.read_text())

@@ -9,8 +9,9 @@ login node for a large model): `python -m trainer.checkpoints RUN_DIR [--tag TAG
 
 `train.keep_last: N` keeps only the newest N periodic checkpoints (`prune`, after each save).
 
-After a world-size change the data stream cannot continue where it was (its positions are per rank and worker):
-it restarts with a seed drawn from (seed, step), so it does not replay the samples of the run's beginning.
+After a change of world size or of `data.workers` the data stream cannot continue where it was (`stream_mismatch`:
+its positions are per rank and worker): it restarts with a seed drawn from (seed, step), so it does not replay the
+samples of the run's beginning, and rank 0 warns with the setting that continues it exactly.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sys
 from pathlib import Path
 
 __all__ = ["latest_tag", "mark_complete", "is_complete", "checkpoint_world", "plan_resume",
-           "convert_to_universal", "prune", "UNIVERSAL_SUFFIX", "COMPLETE"]
+           "convert_to_universal", "prune", "stream_mismatch", "UNIVERSAL_SUFFIX", "COMPLETE"]
 
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -125,3 +126,24 @@ def prune(ckpt_dir: str | Path, keep: int) -> list[str]:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
         shutil.rmtree(ckpt_dir / (tag + UNIVERSAL_SUFFIX), ignore_errors=True)
     return gone
+
+
+def stream_mismatch(client: dict, world: int, workers: int) -> str | None:
+    """Why a checkpoint's data stream positions (its client state) cannot continue on `world` ranks with
+    `workers` DataLoader workers each, or None. A position belongs to a slot (rank * W + worker, W = max(1,
+    workers)) whose chunks depend on the slot count (trainer/data/stream.py): positions carry over to the same
+    world size and W only, as no other slots replay the same samples. A checkpoint written before the worker
+    count was stored shows another count only by a position of a worker this run lacks."""
+    if len(client["positions"]) != world:
+        return f"resumed on {world} ranks from a {len(client['positions'])}-rank checkpoint"
+    if "data_workers" in client:
+        saved = client["data_workers"]
+        if max(1, saved) == max(1, workers):  # 0 workers read as one slot per rank, like 1
+            return None
+        return (f"data.workers is {workers} but the checkpoint's stream was read by {saved} workers per rank "
+                f"(resume with --set data.workers={saved} to continue it exactly)")
+    seen = max((int(w) for p in client["positions"] for w in p["chunks"]), default=0) + 1
+    if seen <= max(1, workers):
+        return None
+    return (f"data.workers is {workers} but the checkpoint's stream was read by at least {seen} workers per rank "
+            f"(resume with --set data.workers=N, its count then, to continue it exactly)")

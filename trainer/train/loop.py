@@ -46,7 +46,8 @@ from trainer.core.models import attention_kernel
 from trainer.core.settings import DECAY_GROUPS
 from trainer.data.shards import to_model_input
 from trainer.data.stream import DataCounts, ShardStream, StreamConfig, StreamPosition
-from trainer.train.checkpoints import UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune
+from trainer.train.checkpoints import (UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune,
+                                       stream_mismatch)
 from trainer.train.config import ExperimentConfig, batch_arithmetic
 from trainer.train.distributed import announce_cpu_comm_build, init_distributed_quietly, quiet_known_noise, release_shm
 from trainer.train.ema import EMA
@@ -188,24 +189,26 @@ class _Records:
 def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resume: str, universal: bool,
             cfg: ExperimentConfig, rank: int, world: int, log) -> tuple[int, float, int, StreamPosition]:
     """Load checkpoint `tag` into the engine, the EMA and this rank's generator; returns (step, training seconds
-    so far, data seed, this rank's stream position). On another world size the per-rank positions do not carry
-    over: the stream restarts with a seed drawn from (seed, step), not a replay of the run's beginning."""
+    so far, data seed, this rank's stream position). On another world size or worker count the positions do not
+    carry over (`stream_mismatch`): the stream restarts with a seed drawn from (seed, step), not a replay of the
+    run's beginning."""
     path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
     if path is None:
         raise SystemExit(f"error: could not load checkpoint {run.checkpoint(tag)} (--resume {resume})")
     step = client["step"]
     ema.load_state_dict(client["ema"])
     data_seed, position = client.get("data_seed", cfg.train.seed), StreamPosition()
+    fresh_seed = (cfg.train.seed * 1_000_003 + step) % 2**31
     if len(client["positions"]) == world:
-        position = StreamPosition.from_state_dict(client["positions"][rank])
-        _restore_rng(gen, client["rng"][rank], ((cfg.train.seed * 1_000_003 + step) % 2**31) * 100_003 + rank, rank,
-                     log)
+        _restore_rng(gen, client["rng"][rank], fresh_seed * 100_003 + rank, rank, log)
     else:
-        data_seed = (cfg.train.seed * 1_000_003 + step) % 2**31
-        gen.manual_seed(data_seed * 100_003 + rank)
+        gen.manual_seed(fresh_seed * 100_003 + rank)
+    if (mismatch := stream_mismatch(client, world, cfg.data.workers)) is None:
+        position = StreamPosition.from_state_dict(client["positions"][rank])
+    else:
+        data_seed = fresh_seed
         if rank == 0:
-            log(json.dumps({"warning": f"resumed on {world} ranks from a {len(client['positions'])}-rank "
-                                       f"checkpoint: the data stream restarts with seed {data_seed}"}))
+            log(json.dumps({"warning": f"{mismatch}: the data stream restarts with seed {data_seed}"}))
     if rank == 0:
         log(json.dumps({"resumed": path, "step": step, "universal": universal}))
     return step, client.get("train_s", 0.0), data_seed, position
@@ -364,7 +367,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
 
     def save(tag: str) -> None:
         client = {"step": step, "train_s": train_s(), "ema": ema.state_dict(), "config": cfg.to_dict(),
-                  "data_seed": data_seed,
+                  "data_seed": data_seed, "data_workers": cfg.data.workers,
                   "positions": _gather(position.state_dict()), "rng": _gather(gen.get_state())}
         engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state=client)
         dist.barrier()  # every rank has written its part: only now is the checkpoint whole
