@@ -103,6 +103,7 @@ class DataConfig:
     buffer: int = 1000
     shards_per_chunk: int = 4
     flip: bool = True
+    record_keys: bool = False     # RUN_DIR/keys/rankR.jsonl: each step's sample keys (trainer/train/keyrecord.py)
 
     def __post_init__(self):
         object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
