@@ -15,7 +15,7 @@ one go.
 
 The S3 endpoint is moto's server behind a TCP relay on a fixed port. moto keeps buckets in memory and has no
 persistence for them (5.x offers only a request recorder), so a restart stops both, leaves the endpoint down
-for 1-5 s (connections refused: the trainer's bucket retries must carry the stream over), starts a fresh moto
+for 1-15 s, plus moto's start-up (connections refused: the trainer's bucket retries must carry the stream over), starts a fresh moto
 on another port, uploads the shard set again and only then listens on the public port again: the trainer never
 sees the empty bucket a restarted moto would show.
 
@@ -57,6 +57,8 @@ from trainer.train.keyrecord import read_key_records  # noqa: E402
 
 RANKS, WORKERS, MICRO, GLOBAL = 2, 2, 2, 8  # 4 slots; each reads 3 shards of 8 per epoch: whole micro-batches
 SHARDS, SHARD_SIZE, TOL = 6, 8, 1e-4        # per set; the weights tolerance of the issue
+SETTLE = 5  # seconds a job's processes have to end once its launcher has: those left are orphans
+OUTAGE = (1, 15)  # seconds an endpoint restart keeps it down (+ moto's start): past botocore's own retries at times
 BUCKET, CREDS = "soak", {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                          "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -157,6 +159,18 @@ def victims(run_dir: Path, kind: str, launcher: int) -> list[int]:
     return sorted(p for p, (pp, _) in procs.items() if pp in ranks)
 
 
+def describe(procs: dict[int, tuple[int, str]]) -> str:
+    """"launch, 2 ranks, 4 workers": what the processes of a job are."""
+    def kind(pid, ppid, cmd):
+        if "deepspeed.launcher.runner" in cmd:
+            return "launcher"
+        if "deepspeed.launcher.launch" in cmd:
+            return "launch"
+        return "worker" if "pretrain.py" in procs.get(ppid, (0, ""))[1] else "rank"
+    count = Counter(kind(pid, ppid, cmd) for pid, (ppid, cmd) in procs.items())
+    return ", ".join(f"{n} {k}{'s' * (n > 1)}" for k, n in sorted(count.items()))
+
+
 def cleanup() -> None:
     for p in reversed(_started):
         kill_group(p)
@@ -224,9 +238,7 @@ class Endpoint:
             except OSError:
                 assert time.monotonic() < deadline and self.moto.poll() is None, "moto server did not start"
                 time.sleep(0.1)
-        fs = s3fs.S3FileSystem(key="testing", secret="testing", skip_instance_cache=True,
-                               client_kwargs={"endpoint_url": f"http://127.0.0.1:{moto_port}",
-                                              "region_name": "us-east-1"})
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=f"http://127.0.0.1:{moto_port}")
         fs.mkdir(BUCKET)
         for f in sorted(self.local_set.glob("*.tar")) + [self.local_set / "manifest.json"]:  # manifest last
             fs.put_file(str(f), f"{self.prefix}/{f.name}")
@@ -276,7 +288,7 @@ class Launch:
                "AWS_ENDPOINT_URL": args.endpoint, "FSSPEC_S3_ENDPOINT_URL": args.endpoint}
         with open(self.log, "w") as out:
             self.proc = spawn(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        self.started, self.killed, self.orphans = time.monotonic(), None, []
+        self.started, self.killed, self.orphans, self.end = time.monotonic(), None, "", None
 
     def steps(self) -> list[int]:
         """The steps this launch logged (its slice of metrics.jsonl; lines cut by a kill left out)."""
@@ -302,6 +314,12 @@ class Launch:
                 return Path(m[1]).relative_to(self.run_dir / "checkpoints").parts[0], int(m[2])
         return None, 0
 
+    def ended(self) -> None:
+        """The job is over: free its shared memory, note where its part of metrics.jsonl ends."""
+        release_shm(self.port)
+        metrics = self.run_dir / "metrics.jsonl"
+        self.end = metrics.stat().st_size if metrics.is_file() else 0
+
     def kill(self, kind: str, rng: random.Random, grace: float) -> str:
         """SIGKILL one process of `kind`, wait up to `grace` s for the job to end, record what is left (orphans),
         then kill the job's process group and free its shared memory. Returns what was killed."""
@@ -309,20 +327,27 @@ class Launch:
         kind = kind if pids != [self.proc.pid] or kind == "launcher" else "launcher"
         pid = rng.choice(pids)
         os.kill(pid, signal.SIGKILL)
-        self.killed = (kind, time.monotonic() - self.started)
-        deadline = time.monotonic() + grace
-        while (self.proc.poll() is None or run_processes(self.run_dir)) and time.monotonic() < deadline:
+        killed = time.monotonic()
+        while self.proc.poll() is None and time.monotonic() < killed + grace:  # the launcher ends the job
             time.sleep(0.2)
-        self.orphans = sorted(f"{p} {cmd[:120]}" for p, (_, cmd) in run_processes(self.run_dir).items())
+        ended = time.monotonic()
+        while run_processes(self.run_dir) and time.monotonic() < ended + SETTLE:  # its processes go with it
+            time.sleep(0.2)
+        self.killed = (kind, killed - self.started, ended - killed)  # (kind, at, seconds the launcher took to end)
+        left = run_processes(self.run_dir)
+        if self.proc.poll() is None:
+            self.orphans = f"the job was still running {grace:g} s after the kill ({describe(left)})"
+        elif left:
+            self.orphans = f"{describe(left)} left {SETTLE} s after the launcher ended"
         kill_group(self.proc)
         for p in run_processes(self.run_dir):  # also those that left the process group
             os.kill(p, signal.SIGKILL)
-        release_shm(self.port)
+        self.ended()
         return f"{kind} {pid}"
 
     def wait(self) -> int:
         rc = self.proc.wait()
-        release_shm(self.port)
+        self.ended()
         return rc
 
 
@@ -337,9 +362,9 @@ def run_to_end(args, work: Path, run_dir: Path, n: int, until: int) -> Launch:
 
 def records(launch: Launch) -> list[dict]:
     """The training records this launch appended to metrics.jsonl (a line cut by a kill left out)."""
-    with open(launch.run_dir / "metrics.jsonl") as f:
+    with open(launch.run_dir / "metrics.jsonl", "rb") as f:
         f.seek(launch.offset)
-        lines = f.read().splitlines()
+        lines = f.read(launch.end - launch.offset).decode(errors="replace").splitlines()
     out = []
     for line in lines:
         try:
@@ -363,10 +388,15 @@ def spans(steps) -> str:
     return text + (" ..." if len(out) > 8 else "")
 
 
+def trained(launches: list[Launch]) -> list[Launch]:
+    """The launches that got as far as resuming or training (not those killed while starting)."""
+    return [la for la in launches if la.resume[0] is not None or records(la)]
+
+
 def check_steps(launches: list[Launch], until: int) -> tuple[list[str], dict]:
     """Each launch logged consecutive steps from its resume step; the steps that survived (those up to the next
     launch's resume step) are 1..until, each once."""
-    problems, lineage, logged = [], [], 0
+    problems, lineage, logged, launches = [], [], 0, trained(launches)
     for i, launch in enumerate(launches):
         r, steps = launch.resume[1], [rec["step"] for rec in records(launch)]
         logged += len(steps)
@@ -451,7 +481,7 @@ def check_checkpoints(launches: list[Launch], run_dir: Path):
     marked tag (at each launch's start and at the end) holds rank 0's model states and each rank's partition."""
     problems, need = [], {"mp_rank_00_model_states.pt",
                           *(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(RANKS))}
-    for launch in launches:
+    for launch in trained(launches):
         tag, at = launch.resume[0], launch.checkpoints_at_start
         complete = [t for t, s in at.items() if s["complete"]]
         if tag is None and complete:
@@ -504,23 +534,24 @@ def soak(args, work: Path, run_dir: Path, endpoint: Endpoint, rng: random.Random
         kill_at = min(launch.started + rng.uniform(*args.kill_every), deadline)
         while launch.proc.poll() is None and time.monotonic() < kill_at:
             if time.monotonic() >= next_restart:
-                endpoint.restart(rng.uniform(1, 5))
+                endpoint.restart(rng.uniform(*OUTAGE))
                 next_restart = time.monotonic() + rng.uniform(*args.restart_every)
             time.sleep(0.5)
-        launch.resume = launch.resumed()
         clock = f"[{(time.monotonic() - start) / 60:5.1f} min]"
         if launch.proc.poll() is not None:
             rc, failures = launch.wait(), failures + 1
+            launch.resume = launch.resumed()
             say(f"{clock} launch {launch.n} ended by itself (exit {rc}); its log: {launch.log}")
             if failures == 3:
                 raise SystemExit(f"error: 3 launches in a row failed by themselves; the last log: {launch.log}")
             continue
         failures = 0
         what = launch.kill(rng.choice(args.kinds), rng, args.grace)
+        launch.resume = launch.resumed()  # after the job: an orphaned rank may print it late
         steps = [r["step"] for r in records(launch)]
         say(f"{clock} launch {launch.n}: resumed from {launch.resume[0] or 'nothing'}, trained to step "
-            f"{max(steps, default=launch.resume[1])}; SIGKILL {what} after {launch.killed[1]:.0f} s"
-            + (f"; ORPHANS: {launch.orphans}" if launch.orphans else ""))
+            f"{max(steps, default=launch.resume[1])}; SIGKILL {what} after {launch.killed[1]:.0f} s; the launcher "
+            f"ended {launch.killed[2]:.0f} s later" + (f"; ORPHANS: {launch.orphans}" if launch.orphans else ""))
     return launches
 
 
@@ -532,6 +563,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --workdir {work} holds an earlier soak (run/, reference/): give a new folder")
     work.mkdir(parents=True, exist_ok=True)
     _run_dirs.extend([run_dir, ref_dir])
+    os.environ.update(CREDS)  # this process's uploads and every launch
     atexit.register(cleanup)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally/atexit clean-up runs (Ctrl-C: likewise)
     say(f"soak: {args.minutes:g} min, seed {args.seed}, kills every {args.kill_every[0]:g}-{args.kill_every[1]:g} s "
@@ -564,8 +596,8 @@ def main(argv=None) -> int:
             "steps": check_steps(launches, until),
             "samples": check_samples(launches, run_dir, ref_dir, keys, until),
             "weights": check_weights(run_dir, ref_dir, until),
-            "orphans": ([f"launch {la.n} ({la.killed[0]} killed): {', '.join(la.orphans)}"
-                         for la in launches if la.orphans] + [f"at the end: {sorted(left)}"] * bool(left), {}),
+            "orphans": ([f"launch {la.n}, {la.killed[0]} killed: {la.orphans}" for la in launches if la.orphans]
+                        + [f"at the end: {describe(left)}"] * bool(left), {}),
             "checkpoints": check_checkpoints(launches, run_dir)}.items():
         results[name] = problems
         figures.update(fig)
@@ -573,7 +605,9 @@ def main(argv=None) -> int:
     say(f"minutes of kills   {soaked / 60:.1f} (then {(time.monotonic() - t0 - soaked) / 60:.1f} for the last "
         f"launch and the reference)")
     say(f"launches           {len(launches)}; resumes {figures['resumes']}")
-    say(f"kills              {sum(kills.values())} ({', '.join(f'{k} {n}' for k, n in sorted(kills.items()))})")
+    say(f"kills              {sum(kills.values())} ({', '.join(f'{k} {n}' for k, n in sorted(kills.items()))}); "
+        f"the launcher ended at most {max((la.killed[2] for la in launches if la.killed), default=0):.0f} s "
+        f"after a kill")
     say(f"endpoint restarts  {endpoint.restarts}; bucket retries {figures.get('retries', '?')}")
     say(f"steps              {until} ({figures['replayed']} trained again after kills)")
     say(f"samples            {len(keys)} per epoch, {figures['epochs']} epochs finished; lost {figures['lost']}, "
