@@ -166,7 +166,7 @@ def describe(procs: dict[int, tuple[int, str]]) -> str:
             return "launcher"
         if "deepspeed.launcher.launch" in cmd:
             return "launch"
-        return "worker" if "pretrain.py" in procs.get(ppid, (0, ""))[1] else "rank"
+        return "rank" if "deepspeed.launcher.launch" in procs.get(ppid, (0, ""))[1] else "worker"
     count = Counter(kind(pid, ppid, cmd) for pid, (ppid, cmd) in procs.items())
     return ", ".join(f"{n} {k}{'s' * (n > 1)}" for k, n in sorted(count.items()))
 
@@ -254,11 +254,14 @@ class Endpoint:
                     p.stdout.close()
         self.relay = self.moto = None
 
-    def restart(self, outage: float) -> None:
+    def restart(self, outage: float) -> float:
+        """Stop, wait `outage` s, start again; returns how long the endpoint was down."""
+        down = time.monotonic()
         self.stop()
         time.sleep(outage)
         self.start()
         self.restarts += 1
+        return time.monotonic() - down
 
 
 # --- launches ---------------------------------------------------------------------------------------------------
@@ -360,11 +363,15 @@ def run_to_end(args, work: Path, run_dir: Path, n: int, until: int) -> Launch:
 
 # --- checks -------------------------------------------------------------------------------------------------------
 
-def records(launch: Launch) -> list[dict]:
-    """The training records this launch appended to metrics.jsonl (a line cut by a kill left out)."""
+def records(launch: Launch, live: bool = False) -> list[dict]:
+    """The training records this launch appended to metrics.jsonl (a line cut by a kill left out); `live`: so far,
+    while it runs."""
+    if live and not (launch.run_dir / "metrics.jsonl").is_file():
+        return []
     with open(launch.run_dir / "metrics.jsonl", "rb") as f:
         f.seek(launch.offset)
-        lines = f.read(launch.end - launch.offset).decode(errors="replace").splitlines()
+        data = f.read() if live else f.read(launch.end - launch.offset)
+    lines = data.decode(errors="replace").splitlines()
     out = []
     for line in lines:
         try:
@@ -534,7 +541,11 @@ def soak(args, work: Path, run_dir: Path, endpoint: Endpoint, rng: random.Random
         kill_at = min(launch.started + rng.uniform(*args.kill_every), deadline)
         while launch.proc.poll() is None and time.monotonic() < kill_at:
             if time.monotonic() >= next_restart:
-                endpoint.restart(rng.uniform(*OUTAGE))
+                before = max((r["step"] for r in records(launch, live=True)), default=0)
+                down = endpoint.restart(rng.uniform(*OUTAGE))
+                after = max((r["step"] for r in records(launch, live=True)), default=0)
+                say(f"[{(time.monotonic() - start) / 60:5.1f} min] endpoint restarted: down {down:.0f} s, while "
+                    f"launch {launch.n} went from step {before} to {after}")
                 next_restart = time.monotonic() + rng.uniform(*args.restart_every)
             time.sleep(0.5)
         clock = f"[{(time.monotonic() - start) / 60:5.1f} min]"
