@@ -576,7 +576,8 @@ def main(argv=None) -> int:
     _run_dirs.extend([run_dir, ref_dir])
     os.environ.update(CREDS)  # this process's uploads and every launch
     atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally/atexit clean-up runs (Ctrl-C: likewise)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally/atexit clean-up runs, as on Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background (SIG_IGN)
     say(f"soak: {args.minutes:g} min, seed {args.seed}, kills every {args.kill_every[0]:g}-{args.kill_every[1]:g} s "
         f"({', '.join(args.kinds)}), endpoint restarts every {args.restart_every[0]:g}-{args.restart_every[1]:g} s; "
         f"in {work}")
@@ -638,5 +639,8 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
+    except KeyboardInterrupt:
+        say("interrupted: the soak's processes are stopped; its working folder is kept")
+        sys.exit(130)
     finally:
         cleanup()
