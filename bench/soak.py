@@ -14,10 +14,10 @@ last launch trains to the next checkpoint boundary (`--until-step`), then a refe
 one go.
 
 The S3 endpoint is moto's server behind a TCP relay on a fixed port. moto keeps buckets in memory and has no
-persistence for them (5.x offers only a request recorder), so a restart stops both, leaves the endpoint down
-for 1-15 s, plus moto's start-up (connections refused: the trainer's bucket retries must carry the stream over), starts a fresh moto
-on another port, uploads the shard set again and only then listens on the public port again: the trainer never
-sees the empty bucket a restarted moto would show.
+persistence for them (5.x offers only a request recorder), so a restart stops both, leaves the endpoint down for
+1-15 s (connections refused: the trainer's bucket retries must carry the stream over), starts a fresh moto on
+another port, uploads the shard set again and only then listens on the public port again: the trainer never sees
+the empty bucket a restarted moto would show.
 
 Checks (a table; exit 1 if one fails):
 - steps: each launch logged consecutive steps from the one it resumed at (metrics.jsonl, train.log_every 1);
@@ -55,8 +55,11 @@ from trainer.train.checkpoints import COMPLETE  # noqa: E402
 from trainer.train.distributed import free_port, release_shm  # noqa: E402
 from trainer.train.keyrecord import read_key_records  # noqa: E402
 
-RANKS, WORKERS, MICRO, GLOBAL = 2, 2, 2, 8  # 4 slots; each reads 3 shards of 8 per epoch: whole micro-batches
+# 4 slots (ranks x workers), each reading 3 of the 12 shards of 8 per epoch: an epoch is whole micro-batches of
+# each slot, so a batch's `epoch` is every one of its samples' (the epoch check relies on it)
+RANKS, WORKERS, MICRO, GLOBAL = 2, 2, 2, 8
 SHARDS, SHARD_SIZE, TOL = 6, 8, 1e-4        # per set; the weights tolerance of the issue
+assert 2 * SHARDS % (RANKS * WORKERS) == 0 and 2 * SHARDS // (RANKS * WORKERS) * SHARD_SIZE % MICRO == 0
 SETTLE = 5  # seconds a job's processes have to end once its launcher has: those left are orphans
 OUTAGE = (1, 15)  # seconds an endpoint restart keeps it down (+ moto's start): past botocore's own retries at times
 BUCKET, CREDS = "soak", {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -411,13 +414,14 @@ def check_steps(launches: list[Launch], until: int) -> tuple[list[str], dict]:
             problems.append(f"launch {launch.n} resumed at step {r} and logged steps {spans(steps)}")
         nxt = launches[i + 1].resume[1] if i + 1 < len(launches) else until
         if nxt > max(steps, default=r):
-            problems.append(f"launch {launch.n + 1} resumed at step {nxt}, past the last step launch {launch.n} "
-                            f"logged ({max(steps, default=r)})")
+            problems.append(f"launch {launches[i + 1].n} resumed at step {nxt}, past the last step launch "
+                            f"{launch.n} logged ({max(steps, default=r)})")
         lineage += [s for s in steps if s <= nxt]
     if lineage != list(range(1, until + 1)):
         count = Counter(lineage)
-        problems.append(f"kept steps are not 1..{until} once each: missing {spans(set(range(1, until + 1)) - set(count))}"
-                        f"; twice {spans(s for s, k in count.items() if k > 1)}")
+        missing = set(range(1, until + 1)) - set(count)
+        problems.append(f"kept steps are not 1..{until} once each: missing {spans(missing)}; "
+                        f"twice {spans(s for s, k in count.items() if k > 1)}")
     return problems, {"steps": until, "replayed": logged - len(lineage)}
 
 
