@@ -117,6 +117,7 @@ def spawn(cmd, **kw) -> subprocess.Popen:
 
 
 def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL the process group `p` leads, then forget it (its id may be reused once the group is empty)."""
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -125,6 +126,8 @@ def kill_group(p: subprocess.Popen) -> None:
         p.wait(timeout=10)
     except subprocess.TimeoutExpired:
         pass
+    if p in _started:
+        _started.remove(p)
 
 
 # --- processes of a run (/proc) -----------------------------------------------------------------------------------
@@ -281,6 +284,7 @@ class Launch:
 
     def __init__(self, args, work: Path, run_dir: Path, n: int, extra: list[str] = ()):
         self.run_dir, self.n, self.port = run_dir, n, free_port()
+        self.name = f"launch {n}" if run_dir.name == "run" else f"the {run_dir.name} run"
         _ports.append(self.port)
         self.log = work / "logs" / f"{run_dir.name}-{n:03d}.log"
         self.log.parent.mkdir(exist_ok=True)
@@ -352,7 +356,14 @@ class Launch:
         return f"{kind} {pid}"
 
     def wait(self) -> int:
+        """Wait for the job to end by itself; processes of it left SETTLE s later are orphans."""
         rc = self.proc.wait()
+        ended = time.monotonic()
+        while run_processes(self.run_dir) and time.monotonic() < ended + SETTLE:
+            time.sleep(0.2)
+        if left := run_processes(self.run_dir):
+            self.orphans = f"{describe(left)} left {SETTLE} s after the launcher ended (exit {rc})"
+        kill_group(self.proc)
         self.ended()
         return rc
 
@@ -612,8 +623,9 @@ def main(argv=None) -> int:
             "steps": check_steps(launches, until),
             "samples": check_samples(launches, run_dir, ref_dir, keys, until),
             "weights": check_weights(run_dir, ref_dir, until),
-            "orphans": ([f"launch {la.n}, {la.killed[0]} killed: {la.orphans}" for la in launches if la.orphans]
-                        + [f"at the end: {describe(left)}"] * bool(left), {}),
+            "orphans": ([f"{la.name}{f', {la.killed[0]} killed' if la.killed else ''}: {la.orphans}"
+                         for la in [*launches, ref] if la.orphans] + [f"at the end: {describe(left)}"] * bool(left),
+                        {}),
             "checkpoints": check_checkpoints(launches, run_dir)}.items():
         results[name] = problems
         figures.update(fig)
