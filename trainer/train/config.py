@@ -152,6 +152,7 @@ class DataConfig:
     buffer: int = number(1000, AT_LEAST_ONE)  # shuffle buffer, in samples
     shards_per_chunk: int = number(4, AT_LEAST_ONE)
     flip: bool = True
+    record_keys: bool = False     # RUN_DIR/keys/rankR.jsonl: each step's sample keys (trainer/train/keyrecord.py)
 
     def __post_init__(self):
         object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))

@@ -51,6 +51,7 @@ from trainer.train.checkpoints import (UNIVERSAL_SUFFIX, convert_to_universal, m
 from trainer.train.config import ExperimentConfig, batch_arithmetic
 from trainer.train.distributed import announce_cpu_comm_build, init_distributed_quietly, quiet_known_noise, release_shm
 from trainer.train.ema import EMA
+from trainer.train.keyrecord import KeyRecord
 from trainer.train.rundir import RunDir, step_tag
 
 __all__ = ["training_loop", "param_groups", "adamw_fused", "Phases"]
@@ -361,6 +362,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
                         prefetch_factor=cfg.data.prefetch if cfg.data.workers > 0 else None,
                         worker_init_fn=_ignore_stop_signals)  # pinned batches: to_model_input copies non-blocking
     batches, counts = iter(loader), DataCounts()
+    keys = KeyRecord(run.keys(rank)) if cfg.data.record_keys else None  # each step's sample keys (checks)
 
     def train_s() -> float:  # training time summed over this run's sessions (set-up and loading excluded)
         return trained_s + time.time() - start
@@ -392,6 +394,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             ph.mark("data")
             position.update(batch)
             counts.update(batch)
+            if keys is not None:
+                keys.add(batch)
             ph.mark("prep")
             x0 = to_model_input(batch, m.input, device, dtype)         # (B, C, H, W)
             ph.mark("h2d")
@@ -425,6 +429,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             engine.step()
             ph.mark("step")
         step += 1
+        if keys is not None:  # before the step's checkpoint: a checkpointed step always has its line
+            keys.write(step)
         if engine.was_step_applied():                                   # an fp16 overflow skips the EMA too
             if bad_step:  # cannot happen with DeepSpeed's overflow check; never train on a non-finite loss
                 _stop_nonfinite(save, step, f"step {step} was applied despite a non-finite loss; checkpoint saved")
@@ -460,6 +466,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     for sig, old in previous_handlers.items():
         signal.signal(sig, old)
     records.close()
+    if keys is not None:
+        keys.close()
     dist.barrier()  # every rank is done communicating: the shared-memory buffers can go
     release_shm(os.environ.get("MASTER_PORT"), os.environ.get("MASTER_ADDR", "127.0.0.1"), engine.local_rank)
     # without this a gloo worker thread can still be finishing the barrier at interpreter shutdown: it is killed

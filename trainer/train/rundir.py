@@ -6,6 +6,7 @@ of joining names or walking `.parent`s itself.
         metrics.jsonl               training, sample-grid, stop and evaluation records, one JSON object per line
         checkpoints/                DeepSpeed tags stepNNNNNNNN/ (+ _universal forms, nonfinite-stepN/), `latest`
         samples/stepNNNNNNNN.png    the EMA sample grids of training
+        keys/rankR.jsonl            data.record_keys: true: each step's sample keys, per rank
         tensorboard/                train.tensorboard: true
         eval/<tag>-<sampling>/      trainer.evaluate --ckpt: images/, metrics.json
         export/<tag>/               trainer.schedule's exports (model.safetensors, README.md, .sha256)
@@ -66,6 +67,10 @@ class RunDir:
     def latest(self) -> Path:
         """DeepSpeed's `latest` file: the tag of the last checkpoint rank 0 saved (`latest_tag` checks it)."""
         return self.checkpoints / "latest"
+
+    def keys(self, rank: int) -> Path:
+        """data.record_keys: the sample keys rank `rank` trained on, per step (trainer/train/keyrecord.py)."""
+        return self.root / "keys" / f"rank{rank}.jsonl"
 
     @property
     def samples(self) -> Path:
