@@ -51,6 +51,7 @@ from trainer.train.config import ExperimentConfig, batch_arithmetic
 from trainer.train.distributed import announce_cpu_comm_build, init_distributed_quietly, quiet_known_noise, release_shm
 from trainer.train.ema import EMA
 from trainer.train.rundir import RunDir, step_tag
+from trainer.train.safeload import weights_only_loads
 
 __all__ = ["training_loop", "param_groups", "adamw_fused", "Phases"]
 
@@ -190,7 +191,8 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
     """Load checkpoint `tag` into the engine, the EMA and this rank's generator; returns (step, training seconds
     so far, data seed, this rank's stream position). On another world size the per-rank positions do not carry
     over: the stream restarts with a seed drawn from (seed, step), not a replay of the run's beginning."""
-    path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
+    with weights_only_loads():  # DeepSpeed's checkpoint engine unpickles without restriction
+        path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
     if path is None:
         raise SystemExit(f"error: could not load checkpoint {run.checkpoint(tag)} (--resume {resume})")
     step = client["step"]

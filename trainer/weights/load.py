@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.credentials import credentials_guard
+from trainer.train import safeload
 from trainer.train.checkpoints import latest_tag
 from trainer.train.rundir import RunDir
 
@@ -69,7 +70,7 @@ def read_deepspeed(source: str | Path, tag: str | None = None) -> tuple[dict, Pa
         raise SystemExit(f"error: {source}: neither a .safetensors file, a published model ({INDEX}) nor a "
                          f"DeepSpeed checkpoint ({what}, and no {MODEL_STATES[0]} in it): give the --run-dir of "
                          f"pretrain.py/finetune.py, its checkpoints/ folder or one tag folder")
-    client = torch.load(io.BytesIO(states.read_bytes()), map_location="cpu", weights_only=True)
+    client = safeload.load(states)
     if "ema" not in client:
         raise SystemExit(f"error: {source}: {states} has no EMA weights (not a maskdm checkpoint)")
     return client, states
@@ -78,7 +79,7 @@ def read_deepspeed(source: str | Path, tag: str | None = None) -> tuple[dict, Pa
 def online_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The online (optimised, not EMA) fp32 weights of one DeepSpeed checkpoint tag folder, any ZeRO stage and
     precision: DeepSpeed's own consolidation (`zero_to_fp32`) of the fp32 master weights from every rank's optimiser
-    shard. It unpickles the checkpoint files as resuming the run does, so only read checkpoints you trust."""
+    shard, with weights-only loading (trainer/train/safeload.py) as resuming the run does."""
     import contextlib
     import logging
 
@@ -88,7 +89,7 @@ def online_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     level = ds_logger.level
     ds_logger.setLevel(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its per-tensor progress prints
+        with contextlib.redirect_stdout(io.StringIO()), safeload.weights_only_loads():  # stdout: its progress
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {tag_dir}: cannot read its online weights ({e}); the optimiser state files "
