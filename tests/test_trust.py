@@ -147,3 +147,12 @@ def test_resume_under_the_launcher_is_weights_only(tmp_path, bf16_run):
     assert not (tmp_path / "marker").exists(), "the planted payload ran"
     assert r.returncode != 0 and re.search(refused(path), r.stdout + r.stderr), r.stdout[-3000:] + r.stderr[-3000:]
     assert [x["step"] for x in records(bad)] == [2]
+
+    from trainer.train.checkpoints import convert_to_universal  # a universal checkpoint is read the same way
+
+    uni = copy_run(bf16_run, tmp_path / "universal")
+    tag = convert_to_universal(uni / "checkpoints", TAG, log=lambda *a: None)
+    path = plant(uni / "checkpoints" / tag / "zero" / "head.weight" / "fp32.pt", tmp_path / "marker")
+    r = launch(cfg, dsc, uni, "--resume", tag, check=False)
+    assert not (tmp_path / "marker").exists(), "the planted payload ran"
+    assert r.returncode != 0 and re.search(refused(path), r.stdout + r.stderr), r.stdout[-3000:] + r.stderr[-3000:]
