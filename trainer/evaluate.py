@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="sampling autocast dtype on GPUs")
     p.add_argument("--out", help="--ckpt: the samples' folder; --plot: the PNG")
     p.add_argument("--no-record", action="store_true", help="do not append the result to the run's metrics.jsonl")
+    p.add_argument("--allow-unverified", action="store_true", help="read --ckpt from a URL that has no checksum beside "
+                   "it (NAME.safetensors.sha256); better: pin its digest, --ckpt URL#sha256=HEX")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
@@ -95,7 +97,8 @@ def main(argv=None) -> None:
     if args.ckpt:
         result = evaluate_model(args.ckpt, ref, SamplingConfig.from_args(args, n=args.n or 10_000), metrics,
                                 out=args.out, ref_n=args.ref_n, swd_n=args.swd_n, side=args.size, batch=args.batch,
-                                dtype=args.dtype, fid_impl=args.fid_impl, record=not args.no_record)
+                                dtype=args.dtype, fid_impl=args.fid_impl, record=not args.no_record,
+                                allow_unverified=args.allow_unverified)
         if result is not None:  # rank 0
             print(json.dumps(result))
         return

@@ -5,9 +5,11 @@
         --run-dir runs/ft10 [--resume auto] [--until-step N]
 
 `--init` takes a DeepSpeed run, an exported .safetensors (local or s3://...) or a published model prefix
-(`python -m trainer.export ... --publish URL`; its sha256 is verified). `--init-weights online|ema` chooses the
-run's online weights (the default for a run: the reference fine-tunes from them) or its EMA; an exported or
-published model holds the EMA only (the default there; asking it for online weights is an error). The missing and
+(`python -m trainer.export ... --publish URL`; its sha256 is verified). `--init URL#sha256=HEX` pins the weights'
+digest (the model card gives it); a URL without a checksum beside it needs `--allow-unverified`.
+`--init-weights online|ema` chooses the run's online weights (the default for a run: the reference fine-tunes from
+them) or its EMA; an exported or published model holds the EMA only (the default there; asking it for online weights
+is an error). The missing and
 unexpected keys are reported; a shape mismatch stops with the names. Once the run has its own checkpoints,
 running the same command resumes it (the --init weights are then not read again).
 """
@@ -38,7 +40,9 @@ def main(argv=None) -> None:
         ("--init-weights", dict(choices=WEIGHTS, help="which weights of --init: online (the optimised weights, as the "
                                 "reference fine-tunes; only a training run holds them) or ema (the averaged weights; "
                                 "all an exported or published model holds). Default: online for a training run, "
-                                "ema for an exported model"))])
+                                "ema for an exported model")),
+        ("--allow-unverified", dict(action="store_true", help="read --init from a URL that has no checksum beside it "
+                                    "(NAME.safetensors.sha256); better: pin its digest, --init URL#sha256=HEX"))])
     cfg, ds = load(args)
     if args.dry_run:
         return dry_run(args, cfg, ds)
@@ -51,7 +55,7 @@ def main(argv=None) -> None:
     which = args.init_weights or ("online" if is_training_run(args.init) else "ema")
 
     def init(model):
-        missing, unexpected = apply_pretrained(model, load_pretrained(args.init, which))
+        missing, unexpected = apply_pretrained(model, load_pretrained(args.init, which, args.allow_unverified))
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(json.dumps({"init": args.init, "init_weights": which, "missing_keys": missing,
                               "unexpected_keys": unexpected}), flush=True)

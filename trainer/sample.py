@@ -42,11 +42,14 @@ def default_out(ckpt: str, meta: dict) -> Path:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag dir, .safetensors or published URL")
+    p.add_argument("--ckpt", required=True, help="run dir, checkpoint tag dir, .safetensors or published URL "
+                   "(URL#sha256=HEX: refuse weights of another digest)")
     SamplingConfig.add_arguments(p, n_default=64)
     p.add_argument("--out", help="output folder (default: samples/<checkpoint name>-step<N>)")
     p.add_argument("--batch", type=int, default=16, help="images per forward pass, per GPU")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="autocast dtype of the model on GPUs")
+    p.add_argument("--allow-unverified", action="store_true", help="read --ckpt from a URL that has no checksum beside "
+                   "it (NAME.safetensors.sha256); better: pin its digest, --ckpt URL#sha256=HEX")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
     if args.n < 1 or args.batch < 1:
@@ -59,8 +62,8 @@ def main(argv=None) -> None:
     from trainer.weights.load import load_model
 
     rank, world, device = distributed_context()
-    model, cfg, meta = load_model(args.ckpt, device=device)
-    out = Path(args.out) if args.out else default_out(args.ckpt, meta)
+    model, cfg, meta = load_model(args.ckpt, device=device, allow_unverified=args.allow_unverified)
+    out = Path(args.out) if args.out else default_out(meta["source"], meta)  # (the source without its pin)
     if rank == 0:
         print(f"sampling {args.n} images from {args.ckpt} (step {meta.get('step')}) into {out}", flush=True)
     settings = {"ckpt": args.ckpt, "model_step": meta.get("step"), "n": sampling.n, "steps": sampling.steps,

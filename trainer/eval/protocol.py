@@ -299,7 +299,7 @@ def eval_name(step: int | None, sampling: SamplingConfig) -> str:
 def evaluate_model(ckpt: str, ref: ImageSource, sampling: SamplingConfig, metrics=("fid", "kid", "swd"), *,
                    out: str | Path | None = None, ref_n: int | None = None, swd_n: int = 4096,
                    side: int | None = None, batch: int = 64, dtype: str = "fp32", fid_impl: str = "tf",
-                   record: bool = True, log=print) -> dict | None:
+                   record: bool = True, allow_unverified: bool = False, log=print) -> dict | None:
     """Sample `sampling.n` images from `ckpt` (a run, a tag folder, an export or a published URL) into OUT/images
     (default: RUN_DIR/eval/<eval_name> for a local run, ./eval/<model>/<eval_name> otherwise; a killed evaluation
     resumes its sampling), then compute `metrics` against `ref`. Rank 0 writes OUT/metrics.json and, for a local
@@ -311,7 +311,8 @@ def evaluate_model(ckpt: str, ref: ImageSource, sampling: SamplingConfig, metric
     from trainer.weights.load import load_model
 
     rank, world, device = distributed_context()
-    model, cfg, meta = load_model(ckpt, device=device)
+    model, cfg, meta = load_model(ckpt, device=device, allow_unverified=allow_unverified)
+    ckpt = meta["source"]  # without a pin
     run = RunDir.of_checkpoint(meta["checkpoint"]) if "://" not in ckpt and meta.get("kind") == "deepspeed" else None
     name = eval_name(meta.get("step"), sampling)
     if out is None:

@@ -102,11 +102,17 @@ def convert_to_universal(ckpt_dir: str | Path, tag: str, log=print) -> str:
     tmp = ckpt_dir / f".tmp-{out_tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"converting {ckpt_dir / tag} to a universal checkpoint {out} (DeepSpeed ds_to_universal)")
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+    # DeepSpeed's converter with weights-only loading, from this checkout (as the launched scripts import it)
+    cmd = [sys.executable, "-m", "trainer.train.to_universal", "--input_folder", str(ckpt_dir / tag),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        refused = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        if refused:  # a checkpoint file refused by the weights-only guard: its one line
+            raise SystemExit(refused[-1])
         raise SystemExit(f"error: converting {ckpt_dir / tag} to a universal checkpoint failed:\n"
                          f"{r.stdout[-3000:]}{r.stderr[-3000:]}")
     os.replace(tmp, out)

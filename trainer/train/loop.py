@@ -53,6 +53,7 @@ from trainer.train.distributed import announce_cpu_comm_build, init_distributed_
 from trainer.train.ema import EMA
 from trainer.train.keyrecord import KeyRecord
 from trainer.train.rundir import RunDir, step_tag
+from trainer.train.safeload import weights_only_loads
 
 __all__ = ["training_loop", "param_groups", "adamw_fused", "Phases"]
 
@@ -193,7 +194,8 @@ def _resume(engine, ema: EMA, gen: torch.Generator, run: RunDir, tag: str, resum
     so far, data seed, this rank's stream position). On another world size or worker count the positions do not
     carry over (`stream_mismatch`): the stream restarts with a seed drawn from (seed, step), not a replay of the
     run's beginning."""
-    path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
+    with weights_only_loads():  # DeepSpeed's checkpoint engine unpickles without restriction
+        path, client = engine.load_checkpoint(str(run.checkpoints), tag=tag)
     if path is None:
         raise SystemExit(f"error: could not load checkpoint {run.checkpoint(tag)} (--resume {resume})")
     step = client["step"]

@@ -22,8 +22,10 @@ Published layout under the --publish prefix, uploaded in this order:
     NAME.safetensors                      2. the weights
     index.json                            3. last: each file's size and sha256, the weights' name, a summary
 A reader (`trainer.weights.load.load_model` / `load_pretrained`, so `finetune --init URL`, `trainer.sample --ckpt URL`)
-trusts a prefix only once index.json exists, and only weights whose sha256 matches it. Replacing different content
-first deletes the old index.json, so the prefix reads as "not published" until the new upload is complete.
+trusts a prefix only once index.json exists, only weights whose sha256 matches it, and only plain file names in it;
+`URL#sha256=HEX` (the digest in the model card) also refuses weights replaced together with the index. Replacing
+different content first deletes the old index.json, so the prefix reads as "not published" until the new upload is
+complete.
 Re-publishing identical content (same sha256 in the existing index, same object sizes) uploads nothing;
 --force uploads anyway (e.g. to repair an object corrupted in place).
 """
@@ -41,7 +43,8 @@ import torch
 from pipeline.credentials import refuse_url_credentials
 from trainer.core.settings import EXPORT_DTYPES, torch_dtype
 from trainer.train.rundir import RunDir
-from trainer.weights.load import FORMAT_VERSION, INDEX, decode_metadata, header_metadata, read_deepspeed, sha256_file
+from trainer.weights.load import (FORMAT_VERSION, INDEX, decode_metadata, header_metadata, read_deepspeed, sha256_file,
+                                  unsafe_name)
 
 __all__ = ["export", "publish", "write_safetensors", "data_manifests", "run_metrics", "model_card"]
 
@@ -176,7 +179,9 @@ def model_card(meta: dict, weights: str, sha256: str, url: str | None = None) ->
               "```python", "from trainer.weights.load import load_model",
               f'model, cfg, meta = load_model("{where}")  # U-ViT in eval mode, its config, this metadata', "```", "",
               "Loading verifies the sha256 (index.json of a published prefix, or the .sha256 file beside the "
-              "weights) and never unpickles code.", "",
+              "weights) and never unpickles code. Whoever can write the bucket can replace both the weights and "
+              f"their checksum: to refuse any other weights, pin this digest, `--init {where}#sha256={sha256}` (the "
+              "same for `--ckpt`).", "",
               "## Files", "", f"- `{weights}` sha256 `{sha256}`",
               f"- exported by maskdm {meta['maskdm_version']} (format {meta['maskdm_format']})", "",
               "## License and intended use", "",
@@ -249,6 +254,9 @@ def publish(weights: str | Path, url: str, force: bool = False, log=print) -> st
     from pipeline.store import Store
 
     weights = Path(weights)
+    if why := unsafe_name(weights.name):  # readers refuse such a name in index.json
+        raise SystemExit(f"error: {weights}: {weights.name!r} cannot be published ({why}); export it under a plain "
+                         f"name, e.g. --out DIR/model.safetensors")
     names = [CARD, weights.name + ".sha256", weights.name]  # upload order; index.json comes last
     missing = [n for n in names if not (weights.parent / n).is_file()]
     if missing:
