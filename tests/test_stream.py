@@ -116,4 +116,5 @@ def test_shard_cut_between_samples_is_counted_as_short(tmp_path, sets):
     cfg = StreamConfig((str(copy),), mode="pixel", order="exact", batch_size=1, buffer=3, seed=5)
     got = batches(cfg, n=21)  # one epoch: 24 samples minus the 3 cut off
     assert len(set(keys(got))) == 21 and {b["epoch"] for b in got} == {0}
-    assert got[-1]["skipped"] == {"short shard": 1}
+    assert got[-1]["skipped"] == {"short shard": 3}  # the samples lost, not the shard
+    assert got[-1]["lost"] == {str(shard): 3}
