@@ -103,8 +103,16 @@ class DataConfig:
     buffer: int = 1000
     shards_per_chunk: int = 4
     flip: bool = True
+    # the run stops (with a checkpoint) when the samples skipped (bad samples, the samples lost with unreadable or
+    # short shards) exceed this fraction of those read, and one shard's worth (one lost shard early on never stops
+    # it); 0: any loss stops, 1: never. 1%: a few bad shards of a large set stay well under it and barely change
+    # the data distribution; more means damage (a truncated upload, a set of another size) worth stopping for
+    max_skip_fraction: float = 0.01
 
     def __post_init__(self):
+        if not isinstance(self.max_skip_fraction, (int, float)) or not 0 <= self.max_skip_fraction <= 1:  # NaN too
+            raise ValueError(f"data.max_skip_fraction {self.max_skip_fraction}: must be in [0, 1] (0: stop on any "
+                             f"skipped sample, 1: never stop)")
         object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(self.weights))
