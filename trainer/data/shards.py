@@ -41,7 +41,7 @@ from PIL import Image
 
 from pipeline.credentials import credentials_guard, is_bucket
 from pipeline.imaging import MAX_CROP_SIDE, SHARD_IMAGE_FORMATS, BadInput, open_image
-from pipeline.reader import group_by_key, load_manifest, missing_manifest
+from pipeline.reader import group_by_key, load_manifest, missing_manifest, split_member
 from pipeline.schema import MANIFEST, decode_dwt
 from pipeline.store import Store
 from trainer.core.dwt import dwt2, normalize_bands
@@ -157,19 +157,26 @@ class BadSample(ValueError):
 
 
 def tar_samples(fileobj, url: str, max_member: int):
-    """A plain tar stream -> samples {"__key__", "__url__", ext: bytes}. Never decompressed (mode "r|": a compressed
-    stream fails at its first header); a member over `max_member` bytes by its header is skipped unread, its
-    value None (`decode_sample` refuses that sample). Raises on a truncated or unreadable tar."""
-    def members():
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for info in tar:
-                if info.isreg():
-                    yield info.name, tar.extractfile(info).read() if info.size <= max_member else None
-                tar.members = []  # streaming: keep no list of the members read
-
-    for sample in group_by_key(members()):
-        sample["__url__"] = url
-        yield sample
+    """A plain tar stream -> samples {"__key__", "__url__", ext: bytes}, grouped as `pipeline.reader.group_by_key`
+    does (a sample is complete when the next key's header arrives: a cut inside it loses only that one). Never
+    decompressed (mode "r|": a compressed stream fails at its first header); a member over `max_member` bytes by
+    its header is skipped unread, its value None (`decode_sample` refuses that sample). Raises on a truncated or
+    unreadable tar."""
+    current = None
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for info in tar:
+            tar.members = []  # streaming: keep no list of the members read
+            if not info.isreg():
+                continue
+            key, ext = split_member(info.name)
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            current[ext] = tar.extractfile(info).read() if info.size <= max_member else None
+    if current is not None:
+        yield current
 
 
 def decode_sample(sample: dict, mode: str, resolution: int | None = None, flip: bool = False,
@@ -182,7 +189,7 @@ def decode_sample(sample: dict, mode: str, resolution: int | None = None, flip: 
     if mode not in INPUT_MODES:
         raise ValueError(f"unknown input mode {mode!r}; choose one of {INPUT_MODES}")
     key = sample["__key__"]
-    if oversized := [ext for ext, v in sample.items() if v is None]:
+    if oversized := [ext for ext, v in sample.items() if v is None and not ext.startswith("__")]:
         raise BadSample("oversized member", f"{', '.join(oversized)} larger than a sample can be (not read)")
     if mode == "dwt" and "dwt.f16" in sample:
         bands = torch.from_numpy(_bands(sample["dwt.f16"], side).copy())
