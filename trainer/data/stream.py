@@ -138,13 +138,15 @@ def too_many_skipped(skipped: int, trained: int, max_fraction: float, one_shard:
     return skipped > max_fraction * (skipped + trained) and (max_fraction == 0 or skipped > one_shard)
 
 
-def skip_message(skipped: int, trained: int, max_fraction: float, reasons: Counter, shards: Counter) -> str:
-    """The one line that stops a run with too many skipped samples, naming the shards that lost them."""
+def skip_message(skipped: int, trained: int, max_fraction: float, reasons: Counter, shards: Counter,
+                 saved: str = "") -> str:
+    """The one line that stops a run with too many skipped samples, naming the shards that lost them (and the
+    checkpoint `saved`, if any)."""
     named = ", ".join(f"{url} ({n})" for url, n in shards.most_common(5))
     more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
     return (f"error: {skipped} of {skipped + trained} samples read were skipped ({skipped / (skipped + trained):.1%}), "
             f"over data.max_skip_fraction {max_fraction:g} ({dict(reasons)}); shards that lost samples: "
-            f"{named or 'none named'}{more}: repair or remove them (python -m pipeline.verify SET names the damaged "
+            f"{named or 'none named'}{more}{f'; checkpoint {saved} saved' if saved else ''}: repair or remove them (python -m pipeline.verify SET names the damaged "
             f"ones) or raise data.max_skip_fraction, then run the same command again")
 
 

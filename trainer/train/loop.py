@@ -300,8 +300,7 @@ def _stop_skipped(save: Callable[[str], None], step: int, counts: DataCounts, sk
         reasons.update(r)
         shards.update(s)
     save(step_tag(step))
-    raise SystemExit(skip_message(skipped, trained, max_fraction, reasons, shards) +
-                     f" (checkpoint {step_tag(step)} saved)")
+    raise SystemExit(skip_message(skipped, trained, max_fraction, reasons, shards, step_tag(step)))
 
 
 def _stop_nonfinite(save: Callable[[str], None], step: int, message: str) -> None:
