@@ -42,7 +42,7 @@ def fast_retries(monkeypatch):
     """Small backoff for the loader (also in worker processes: environment), no retries below it."""
     import s3fs
 
-    monkeypatch.setenv(bucket.ENV_RETRIES, "12")  # 0.02 s doubling: ~80 s of outage at most, over in ~2x the outage
+    monkeypatch.setenv(bucket.ENV_RETRIES, "12")  # waits up to 0.02 s doubling (jittered): at most ~80 s of outage
     monkeypatch.setenv(bucket.ENV_BACKOFF, "0.02")
     monkeypatch.setenv(bucket.ENV_BLOCK_SIZE, "2048")  # a shard is read in many range requests
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: no retries of its own

@@ -209,17 +209,21 @@ def decode_sample(sample: dict, mode: str, resolution: int | None = None, flip: 
     return {"key": key, "img": img.flip(-1) if flip else img}
 
 
+_F16_TWO, _F16_ONE, _F16_MAGNITUDE = 0x4000, 0x3C00, 0x7FFF  # float16 bit patterns of 2.0 and 1.0; |x| mask
+
+
 def _bands(data: bytes, side: int | None) -> np.ndarray:
     """`dwt.f16` bytes -> (12, side/2, side/2) float16, refused unless of that length (any square side without
     `side`) and with every value finite and in the range of a DWT of a [0, 1] image: cA in [0, 2], details in
-    [-1, 1] (a NaN fails every comparison)."""
+    [-1, 1]. Checked on the bit patterns (non-negative float16 order like their bits; NaN and inf lie above
+    every finite value), ~100x faster than float16 comparisons."""
     n = side // 2 if side else math.isqrt(len(data) // (2 * 12))
     try:
         bands = decode_dwt(data, 2 * n)
     except ValueError as e:
         raise BadSample("wrong size", str(e)) from None
-    a, d = bands[:3], bands[3:]
-    if not (a.min() >= 0 and a.max() <= 2 and d.min() >= -1 and d.max() <= 1):
+    bits = bands.view(np.uint16)
+    if bits[:3].max() > _F16_TWO or (bits[3:] & _F16_MAGNITUDE).max() > _F16_ONE:  # cA: a sign bit is over it too
         raise BadSample("bad values", "dwt.f16 holds non-finite or out-of-range values (cA in [0, 2], details "
                                       "in [-1, 1])")
     return bands
