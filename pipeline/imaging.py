@@ -38,8 +38,8 @@ SHARD_IMAGE_FORMATS = ("JPEG",)  # what a shard's `jpg` member may be (docs/form
 
 __all__ = ["BadInput", "CropResult", "process_image", "face_square", "centre_square", "haar_dwt_uint8", "haar_dwt_f16",
            "haar_idwt_to_uint8", "image_grid",
-           "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS", "MAX_CROP_SIDE", "SHARD_IMAGE_FORMATS",
-           "open_image", "max_member_bytes"]
+           "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS", "MAX_CROP_SIDE",
+           "SHARD_IMAGE_FORMATS", "open_image", "max_member_bytes"]
 
 
 class BadInput(Exception):

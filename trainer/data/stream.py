@@ -144,10 +144,11 @@ def skip_message(skipped: int, trained: int, max_fraction: float, reasons: Count
     checkpoint `saved`, if any)."""
     named = ", ".join(f"{url} ({n})" for url, n in shards.most_common(5))
     more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+    checkpoint = f"; checkpoint {saved} saved" if saved else ""
     return (f"error: {skipped} of {skipped + trained} samples read were skipped ({skipped / (skipped + trained):.1%}), "
             f"over data.max_skip_fraction {max_fraction:g} ({dict(reasons)}); shards that lost samples: "
-            f"{named or 'none named'}{more}{f'; checkpoint {saved} saved' if saved else ''}: repair or remove them (python -m pipeline.verify SET names the damaged "
-            f"ones) or raise data.max_skip_fraction, then run the same command again")
+            f"{named or 'none named'}{more}{checkpoint}: repair or remove them (python -m pipeline.verify SET names "
+            f"the damaged ones) or raise data.max_skip_fraction, then run the same command again")
 
 
 def buffer_warning(sample_bytes: float, buffer: int, workers: int, local_ranks: int, memory: int) -> str | None:
