@@ -24,11 +24,11 @@ Bucket faults, as the stream meets them (the batches carry `skipped`: counts by 
   before retry k drawn uniformly from [0, min(b * 2**k, 30 s)] with b = $MASKDM_BUCKET_BACKOFF (0.5 s): ~30 s of
   outage on average (at most ~60 s), and the ranks and workers of a job that met the same outage do not come back
   to the endpoint in lockstep (the draws come from the operating system: forked workers do not share them).
-  Each retry is counted in `RETRIES` (this process, by protocol) and logged (one warning per 30 s, with the totals). A failure
-  in the middle of a shard reopens the object and reads on from the same byte, if its size and ETag are unchanged:
-  nothing is lost and the sample order is that of an undisturbed stream.
-- Missing object or bucket (FileNotFoundError): not retried; the shard is counted as "unreadable shard" and the
-  warning names its URL; the stream goes on (an exact epoch is short by exactly that shard's samples).
+  Each retry is counted in `RETRIES` (this process, by protocol) and logged (one warning per 30 s, with the
+  totals). A failure in the middle of a shard reopens the object and reads on from the same byte, if its size and
+  ETag are unchanged: nothing is lost and the sample order is that of an undisturbed stream.
+- Missing object or bucket (FileNotFoundError): not retried; the shard's samples are counted as "unreadable
+  shard" and the warning names its URL; the stream goes on (an exact epoch is short by exactly that shard's samples).
 - Truncated shard (even when cut at a tar header boundary, where tarfile alone would end silently) or an object
   replaced while read (BadObjectError): "unreadable shard"; the samples before the cut are delivered.
 - Refused or missing credentials (PermissionError from 403 AccessDenied / InvalidAccessKeyId /
