@@ -31,10 +31,15 @@ REASONS = ("empty file", "not an image", "truncated or corrupt image", "too larg
 DEFAULT_BOX_SCALE = 1.3
 DEFAULT_MIN_SIDE = 32        # skip sources whose crop square is smaller than this many pixels
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit (about 9459 x 9459)
+# The largest crop a shard set may hold (--size), and so the largest image or member a reader of shards accepts:
+# the trainer refuses anything bigger from a tar header or an image header, before reading or decoding it.
+MAX_CROP_SIDE = 2048
+SHARD_IMAGE_FORMATS = ("JPEG",)  # what a shard's `jpg` member may be (docs/format.md)
 
 __all__ = ["BadInput", "CropResult", "process_image", "face_square", "centre_square", "haar_dwt_uint8", "haar_dwt_f16",
            "haar_idwt_to_uint8", "crop_from_dwt_f16", "encode_jpeg", "image_grid",
-           "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS"]
+           "REASONS", "DEFAULT_BOX_SCALE", "DEFAULT_MIN_SIDE", "DEFAULT_MAX_PIXELS", "MAX_CROP_SIDE",
+           "SHARD_IMAGE_FORMATS", "open_image", "max_member_bytes"]
 
 
 class BadInput(Exception):
@@ -167,16 +172,24 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, P, CMYK (Pillow undoes Adobe's inverted CMYK), 1, F
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse the header only (cheap): size, format, EXIF. Decoding happens in `_load`."""
+def max_member_bytes(side: int) -> int:
+    """The largest tar member a sample of `side` px crops may have: its dwt.f16 bands (12 x (side/2)^2 float16 =
+    6 bytes a pixel), with 1 MiB to spare for a JPEG of the crop (at quality 95 well under 6 bytes a pixel) and
+    its metadata."""
+    return 6 * side * side + (1 << 20)
+
+
+def open_image(data: bytes, max_pixels: int, formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Parse the header only (cheap): size, format, EXIF; refuse an image over `max_pixels` or (given `formats`,
+    Pillow format names) of another format, before anything is decoded. Decoding happens on `load()`."""
     if not data:
         raise BadInput("empty file")
     try:
         with warnings.catch_warnings():  # the limit is ours (max_pixels), checked below: no warning noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=formats)
     except Image.UnidentifiedImageError:
-        raise BadInput("not an image") from None
+        raise BadInput("not an image", f"not {' or '.join(formats)}" if formats else "") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadInput("too large (decompression bomb)", str(e)) from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -212,7 +225,7 @@ def process_image(data: bytes, *, size: int = 256, box=None, box_scale: float = 
                   with_dwt: bool = True, min_side: int = DEFAULT_MIN_SIDE,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> CropResult:
     """Source bytes -> CropResult. `box` (x, y, w, h) in displayed-image pixels, or None for a centre square."""
-    im = _open(data, max_pixels)
+    im = open_image(data, max_pixels)
     try:
         orientation = im.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - unreadable EXIF: treat as unrotated

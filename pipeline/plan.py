@@ -25,7 +25,7 @@ import numpy as np
 import PIL
 import PIL.features
 
-from pipeline.imaging import DEFAULT_BOX_SCALE, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from pipeline.imaging import DEFAULT_BOX_SCALE, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, MAX_CROP_SIDE
 from pipeline.schema import shard_name
 from pipeline.sources import Item, Listing, celebahq_items, folder_items, vggface2_items
 from pipeline.store import Store
@@ -75,8 +75,8 @@ class ShardConfig:
             object.__setattr__(self, "split", {"vggface2": "train", "celebahq": "all"}.get(self.corpus, ""))
         if self.corpus not in CORPORA:
             raise ValueError(f"unknown corpus {self.corpus!r}; choose one of {CORPORA}")
-        if self.size % 2 or self.size < 8:
-            raise ValueError(f"--size {self.size}: must be an even number >= 8")
+        if self.size % 2 or not 8 <= self.size <= MAX_CROP_SIDE:
+            raise ValueError(f"--size {self.size}: must be an even number in [8, {MAX_CROP_SIDE}]")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise ValueError(f"--fraction {self.fraction}: must be in (0, 1]")
         if self.fraction is not None and self.count is not None:

@@ -42,7 +42,7 @@ def fast_retries(monkeypatch):
     """Small backoff for the loader (also in worker processes: environment), no retries below it."""
     import s3fs
 
-    monkeypatch.setenv(bucket.ENV_RETRIES, "12")  # 0.02 s doubling: ~80 s of outage at most, over in ~2x the outage
+    monkeypatch.setenv(bucket.ENV_RETRIES, "12")  # waits up to 0.02 s doubling (jittered): at most ~80 s of outage
     monkeypatch.setenv(bucket.ENV_BACKOFF, "0.02")
     monkeypatch.setenv(bucket.ENV_BLOCK_SIZE, "2048")  # a shard is read in many range requests
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: no retries of its own
@@ -263,8 +263,9 @@ def test_truncated_shard_is_counted_and_skipped(local_set, s3_server, fast_retri
     intact = {k for name, ks in per_shard.items() if name != bad for k in ks}
     assert set(got.values()) == {1} and intact <= set(got)
     assert per_shard[bad][0] in got and set(got) - intact < set(per_shard[bad])  # what came before the cut
-    assert epoch0[-1]["skipped"]["unreadable shard"] == 1
-    assert set(epoch0[-1]["skipped"]) <= {"unreadable shard", "corrupt sample"}
+    delivered = len(set(got) - intact)
+    assert epoch0[-1]["skipped"] == {"unreadable shard": len(per_shard[bad]) - delivered}  # the samples it lost
+    assert epoch0[-1]["lost"] == {f"{BUCKET_SET}/{bad}": len(per_shard[bad]) - delivered}
     assert f"skipped unreadable shard ({BUCKET_SET}/{bad}" in caplog.text  # never silent
     assert retries() == before  # a short object is no transient error
 
@@ -285,7 +286,7 @@ def test_missing_shard_is_counted_with_its_url(local_set, s3_server, fast_retrie
     per_shard = shard_keys(local_set)
     assert sorted(keys(epoch0)) == sorted(k for name, ks in per_shard.items() if name != gone for k in ks)
     assert len(epoch0) == 24 - len(per_shard[gone])
-    assert epoch0[-1]["skipped"] == {"unreadable shard": 1}
+    assert epoch0[-1]["skipped"] == {"unreadable shard": len(per_shard[gone])}  # its samples, not 1
     assert f"skipped unreadable shard ({BUCKET_SET}/{gone}: " in caplog.text, caplog.text
     assert retries() == before
     assert first_of_next["epoch"] == 1
@@ -398,6 +399,34 @@ def test_error_classification():
     assert isinstance(_translated("SlowDown", 503), OSError) and not isinstance(transient[0], OSError)
     credentials = [e for e in permanent if bucket.is_credentials_error(e)]
     assert len(credentials) == 6  # 403s, ExpiredToken, no credentials, unknown profile
+
+
+def test_retry_waits_have_full_jitter():
+    """Waits are uniform draws from [0, min(backoff * 2**attempt, MAX_BACKOFF)] (full jitter), so the ranks and
+    workers that met one outage do not retry in lockstep; the sleep and the generator are injected (no waiting)."""
+    import random
+
+    def flaky(fails):
+        left = [fails]
+
+        def call():
+            if left[0]:
+                left[0] -= 1
+                raise ConnectionError("endpoint down")
+            return "data"
+        return call
+
+    caps = [min(0.5 * 2 ** k, bucket.MAX_BACKOFF) for k in range(8)]
+    waits = {}
+    for seed in (0, 1):
+        got = []
+        assert bucket._with_retries(flaky(8), "test://b/x", "reading", 8, 0.5, sleep=got.append,
+                                    rng=random.Random(seed)) == "data"
+        ref = random.Random(seed)
+        assert got == [ref.uniform(0, cap) for cap in caps]  # capped at 30 s from the 7th wait on
+        waits[seed] = got
+    assert waits[0] != waits[1] and sum(waits[0]) < sum(caps)  # two clients, two schedules; none is the cap
+    assert isinstance(bucket._JITTER, random.SystemRandom)  # by default: forked workers draw their own
 
 
 def test_data_reexports_the_bucket_names():

@@ -95,3 +95,100 @@ def test_bucket_shards_through_webdataset(tmp_path, s3_server):
     assert len(keys) == 6 and len(set(keys)) == 6
     with pytest.raises(FileNotFoundError):
         read_all("s3://test-bucket/sets/a/shard-000009.tar")
+
+
+# --- samples that must never reach collate, and decompression bombs ---------------------------------------------
+
+def _with_size(data: bytes, fmt: str, w: int, h: int) -> bytes:
+    """A small image whose header claims w x h: a PNG's IHDR (with its CRC) or a JPEG's SOF0 patched."""
+    import struct
+    import zlib
+
+    if fmt == "PNG":
+        ihdr = b"IHDR" + struct.pack(">II", w, h) + data[24:29]
+        return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    sof = data.index(b"\xff\xc0")
+    return data[:sof + 5] + struct.pack(">HH", h, w) + data[sof + 9:]
+
+
+def _no_decoding(monkeypatch):
+    from PIL import ImageFile
+
+    def load(self):
+        raise AssertionError(f"a {self.size} image was decoded")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+@pytest.mark.parametrize("fmt,reason", [("PNG", "not an image"), ("JPEG", "too large (decompression bomb)")])
+def test_decompression_bombs_are_refused_from_the_header(monkeypatch, fmt, reason):
+    """A small PNG named .jpg that would decode to 9500x9500 (the shard format allows JPEG only), and a JPEG whose
+    header says 9500x9500: refused with a reason before anything is decoded, whatever the set's crop side."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from trainer.data.shards import BadSample
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(buf, format=fmt)
+    bomb = _with_size(buf.getvalue(), fmt, 9500, 9500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        assert Image.open(io.BytesIO(bomb)).size == (9500, 9500) and len(bomb) < 11_000
+    _no_decoding(monkeypatch)
+    for side in (None, 64):
+        with pytest.raises(BadSample) as e:
+            decode_sample({"__key__": "k", "jpg": bomb}, "pixel", resolution=16, side=side)
+        assert e.value.reason == reason
+
+
+def test_samples_of_another_size_or_with_bad_bands_are_refused(tmp_path):
+    """A dwt.f16 of valid length for a 32 px crop among 64 px samples, bands holding NaN, inf or values outside
+    the DWT's range, an image of another size: BadSample with a reason, never a tensor of the wrong shape."""
+    import numpy as np
+
+    from pipeline.schema import encode_dwt
+    from trainer.data.shards import BadSample
+
+    with_dwt, jpg_only = make_sets(tmp_path)
+    dwt_sample = read_all(list_shards(str(with_dwt))[0].url)[0]
+    assert decode_sample(dwt_sample, "dwt", side=64)["dwt"].shape == (12, 32, 32)
+    small = encode_dwt(np.full((12, 16, 16), 0.25, np.float16))
+    bands = np.frombuffer(dwt_sample["dwt.f16"], np.float16).reshape(12, 32, 32).copy()
+    cases = {"wrong size": [{**dwt_sample, "dwt.f16": small}]}
+    for value in (np.nan, np.inf, -1.5):
+        bad = bands.copy()
+        bad[4, 3, 3] = value
+        cases.setdefault("bad values", []).append({**dwt_sample, "dwt.f16": encode_dwt(bad)})
+    jpg_sample = read_all(list_shards(str(jpg_only))[0].url)[0]
+    cases["wrong size"].append(jpg_sample)  # a 64 px crop where 128 px ones are due
+    for reason, samples in cases.items():
+        for sample in samples:
+            with pytest.raises(BadSample) as e:
+                decode_sample(sample, "dwt", side=64 if "dwt.f16" in sample else 128)
+            assert e.value.reason == reason
+    assert decode_sample(jpg_sample, "pixel", resolution=16, side=64)["img"].shape == (3, 16, 16)
+
+
+def test_shards_are_read_as_plain_tars_and_members_capped_from_their_header(tmp_path, monkeypatch):
+    """A gzip stream named .tar fails at its first header without being inflated; a member larger than a sample
+    can be is not read (its value None) and decode_sample refuses that sample."""
+    import gzip
+    import io
+    import tarfile
+
+    from trainer.data.shards import BadSample, tar_samples
+
+    with_dwt, _ = make_sets(tmp_path)
+    plain = open(list_shards(str(with_dwt))[0].url, "rb").read()
+    inflated = []
+    original = tarfile._Stream._init_read_gz
+    monkeypatch.setattr(tarfile._Stream, "_init_read_gz", lambda self: inflated.append(1) or original(self))
+    with pytest.raises(tarfile.ReadError):
+        list(tar_samples(io.BytesIO(gzip.compress(plain)), "x.tar", 1 << 30))
+    assert inflated == []
+    samples = list(tar_samples(io.BytesIO(plain), "x.tar", 10_000))  # the bands (24,576 bytes) are over the cap
+    assert len(samples) == 4 and all(s["dwt.f16"] is None and s["jpg"] is not None for s in samples)
+    with pytest.raises(BadSample, match="oversized member"):
+        decode_sample(samples[0], "dwt")

@@ -277,3 +277,22 @@ train: {{steps: 2, global_batch: 8, micro_batch: 4, log_every: 1, ckpt_every: 2,
     _, dsc = write_config(tmp_path, train_shards, steps=2, ckpt_every=2, stage=1, name="zero1")  # its DeepSpeed JSON
     launch(cfg, dsc, tmp_path / "run")
     assert [(r["step"], r["skipped_samples"]) for r in records(tmp_path / "run")] == [(1, 4), (2, 8)]
+
+
+def test_too_many_lost_samples_stop_every_rank_with_a_checkpoint(tmp_path, train_shards):
+    """2 of the 8 shards gone (a quarter of the samples), data.max_skip_fraction 0.01: at a record past one
+    shard's worth of losses every rank stops together (the count is all-reduced), after saving a checkpoint, with
+    one line naming the lost shards; no rank is left waiting."""
+    data = tmp_path / "shards"
+    shutil.copytree(train_shards, data)
+    gone = sorted(data.glob("*.tar"))[:2]
+    for shard in gone:
+        shard.unlink()
+    cfg, dsc = write_config(tmp_path, data, steps=40, ckpt_every=100, stage=1)
+    r = launch(cfg, dsc, tmp_path / "run", check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "over data.max_skip_fraction 0.01" in out, out[-3000:]
+    line = next(x for x in out.splitlines() if "over data.max_skip_fraction" in x)
+    assert any(str(shard) in line for shard in gone) and "unreadable shard" in line
+    step = records(tmp_path / "run")[-1]["step"]
+    assert step < 40 and final_state(tmp_path / "run", f"step{step:08d}")["step"] == step

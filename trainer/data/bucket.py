@@ -20,13 +20,15 @@ Bucket configuration (standard fsspec / s3fs / botocore; nothing maskdm-specific
 Bucket faults, as the stream meets them (the batches carry `skipped`: counts by reason, per worker):
 - Transient: the endpoint unreachable, refusing or dropping connections (botocore EndpointConnectionError,
   ConnectionClosedError: not OSErrors), timeouts, throttling (503 SlowDown: s3fs raises OSError EBUSY), other 5xx
-  and 429. Retried with exponential backoff: $MASKDM_BUCKET_RETRIES retries (default 6) from
-  $MASKDM_BUCKET_BACKOFF seconds (0.5, doubling, at most 30 s between attempts): ~30 s of outage. Each retry is
-  counted in `RETRIES` (this process, by protocol) and logged (one warning per 30 s, with the totals). A failure
-  in the middle of a shard reopens the object and reads on from the same byte, if its size and ETag are unchanged:
-  nothing is lost and the sample order is that of an undisturbed stream.
-- Missing object or bucket (FileNotFoundError): not retried; the shard is counted as "unreadable shard" and the
-  warning names its URL; the stream goes on (an exact epoch is short by exactly that shard's samples).
+  and 429. Retried with exponential backoff and full jitter: $MASKDM_BUCKET_RETRIES retries (default 7), the wait
+  before retry k drawn uniformly from [0, min(b * 2**k, 30 s)] with b = $MASKDM_BUCKET_BACKOFF (0.5 s): ~30 s of
+  outage on average (at most ~60 s), and the ranks and workers of a job that met the same outage do not come back
+  to the endpoint in lockstep (the draws come from the operating system: forked workers do not share them).
+  Each retry is counted in `RETRIES` (this process, by protocol) and logged (one warning per 30 s, with the
+  totals). A failure in the middle of a shard reopens the object and reads on from the same byte, if its size and
+  ETag are unchanged: nothing is lost and the sample order is that of an undisturbed stream.
+- Missing object or bucket (FileNotFoundError): not retried; the shard's samples are counted as "unreadable
+  shard" and the warning names its URL; the stream goes on (an exact epoch is short by exactly that shard's samples).
 - Truncated shard (even when cut at a tar header boundary, where tarfile alone would end silently) or an object
   replaced while read (BadObjectError): "unreadable shard"; the samples before the cut are delivered.
 - Refused or missing credentials (PermissionError from 403 AccessDenied / InvalidAccessKeyId /
@@ -49,6 +51,7 @@ import functools
 import json
 import logging
 import os
+import random
 import tarfile
 import time
 from collections import Counter
@@ -60,7 +63,7 @@ __all__ = ["FSSPEC_SCHEMES", "register_fsspec_schemes", "RETRIES", "ResumableObj
 
 log = logging.getLogger(__name__)
 RETRIES = Counter()  # transient bucket errors retried in this process, by protocol (also logged, rate-limited)
-DEFAULT_RETRIES, DEFAULT_BACKOFF, DEFAULT_BLOCK_SIZE = 6, 0.5, 8 << 20  # 6 retries from 0.5 s: ~30 s of outage
+DEFAULT_RETRIES, DEFAULT_BACKOFF, DEFAULT_BLOCK_SIZE = 7, 0.5, 8 << 20  # 7 jittered retries from 0.5 s: ~30 s of outage
 MAX_BACKOFF = 30.0  # seconds: the longest wait between two attempts
 ENV_RETRIES, ENV_BACKOFF, ENV_BLOCK_SIZE = "MASKDM_BUCKET_RETRIES", "MASKDM_BUCKET_BACKOFF", "MASKDM_BUCKET_BLOCK_SIZE"
 
@@ -180,8 +183,13 @@ def is_transient(e: BaseException) -> bool:
                                                   errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED)
 
 
-def _with_retries(call, url: str, what: str, retries: int, backoff: float, on_error=None):
-    """call() with up to `retries` retries of transient errors, waiting backoff * 2**attempt (capped) between."""
+_JITTER = random.SystemRandom()  # OS entropy: forked DataLoader workers would share a seeded generator's draws
+
+
+def _with_retries(call, url: str, what: str, retries: int, backoff: float, on_error=None, *,
+                  sleep=time.sleep, rng=_JITTER):
+    """call() with up to `retries` retries of transient errors, waiting a uniform draw from
+    [0, min(backoff * 2**attempt, MAX_BACKOFF)] between (full jitter: retries of many clients spread out)."""
     for attempt in range(retries + 1):
         try:
             return call()
@@ -193,7 +201,7 @@ def _with_retries(call, url: str, what: str, retries: int, backoff: float, on_er
             RETRIES[url.split("://", 1)[0]] += 1
             _retry_log.warning("retrying %s %s after %s: %s (retry %d of %d); retries in this process: %s",
                                what, url, type(e).__name__, e, attempt + 1, retries, dict(RETRIES))
-            time.sleep(min(backoff * 2 ** attempt, MAX_BACKOFF))
+            sleep(rng.uniform(0, min(backoff * 2 ** attempt, MAX_BACKOFF)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,6 +17,12 @@ Position. Each batch carries `pos` = (logical worker, chunk, samples of that chu
 `StreamPosition.update(batch)` after each trained batch records it, with the number of batches consumed; a
 resumed stream starts every slot at its recorded place and rotates the workers so that torch's round-robin
 delivers the same next batch (batch i comes from logical worker i mod W). Replay cost: at most one chunk per slot.
+
+Bad data never stops a worker: a sample that cannot be decoded, is of another size than its set's crops (another
+than the model's in DWT mode: bands are never resized) or holds bad values is skipped and counted by reason, before
+`collate` sees it; a shard that cannot be read or ends early counts the samples it lost (its manifest's count minus
+those read; 1 for a pattern's shard, whose count is unknown). Each batch carries its worker's running counts by
+reason (`skipped`) and by shard (`lost`); the loop stops the run past `data.max_skip_fraction` (`too_many_skipped`).
 """
 from __future__ import annotations
 
@@ -28,11 +34,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.imaging import MAX_CROP_SIDE, max_member_bytes
 from trainer.core.settings import INPUT_MODES, ORDERS
-from trainer.data.shards import (RETRIES, SkipCounter, collate, decode_sample, group_samples, list_shards,
-                                 register_fsspec_schemes)
+from trainer.data.shards import (RETRIES, BadSample, SkipCounter, collate, decode_sample, list_shards,
+                                 register_fsspec_schemes, tar_samples)
 
-__all__ = ["StreamConfig", "StreamPosition", "ShardStream", "DataCounts"]
+__all__ = ["StreamConfig", "StreamPosition", "ShardStream", "DataCounts", "too_many_skipped", "buffer_warning"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +49,9 @@ class StreamConfig:
     sources: tuple[str, ...]              # shard sets (folders/URLs with manifest.json), brace patterns, tars
     weights: tuple[float, ...] | None = None  # mixing weights of the sources (resampled order)
     mode: str = "dwt"                     # model input: "dwt" or "pixel"
-    resolution: int | None = None         # pixel mode: side of the model input (crops resized to it)
+    # side of the model input: pixel mode resizes crops to it; DWT mode skips samples of another side (bands are
+    # never resized). None: each set's manifest decides (a pattern's first sample, where none says)
+    resolution: int | None = None
     order: str = "resampled"
     batch_size: int = 32                  # per rank (the micro-batch)
     shards_per_chunk: int = 4
@@ -70,7 +79,7 @@ class StreamConfig:
     def from_experiment(cls, cfg, seed: int | None = None) -> "StreamConfig":
         """The stream of an ExperimentConfig (data section, model input, micro-batch); `seed` default train.seed."""
         m, d = cfg.model, cfg.data
-        return cls(d.sources, d.weights, m.input, m.image_size if m.input == "pixel" else None, d.order,
+        return cls(d.sources, d.weights, m.input, m.image_size, d.order,
                    cfg.train.micro_batch, d.shards_per_chunk, d.buffer, d.flip,
                    cfg.train.seed if seed is None else seed)
 
@@ -96,19 +105,63 @@ class StreamPosition:
 
 class DataCounts:
     """Skipped samples and bucket retries of one rank, over all its DataLoader workers. Each batch carries its
-    worker's running totals since it started (`skipped`: by reason; `retries`: by protocol; retries of the main
-    process before the workers started, e.g. reading manifests, are not in them); the rank's figure is the sum of each worker's latest totals, and `totals()` is what the loop
-    all-reduces into the run's figure."""
+    worker's running totals since it started (`skipped`: by reason; `lost`: by shard; `retries`: by protocol;
+    retries of the main process before the workers started, e.g. reading manifests, are not in them); the rank's
+    figure is the sum of each worker's latest totals, and `totals()` is what the loop all-reduces into the run's
+    figure."""
 
     def __init__(self):
-        self.latest: dict[int, tuple[int, int]] = {}
+        self.latest: dict[int, tuple[dict, dict, int]] = {}
 
     def update(self, batch: dict) -> None:
-        self.latest[batch["pos"][0]] = (sum(batch.get("skipped", {}).values()), sum(batch.get("retries", {}).values()))
+        self.latest[batch["pos"][0]] = (batch.get("skipped", {}), batch.get("lost", {}),
+                                        sum(batch.get("retries", {}).values()))
 
     def totals(self) -> tuple[int, int]:
         """(skipped samples, bucket retries) summed over this rank's workers."""
-        return sum(s for s, _ in self.latest.values()), sum(r for _, r in self.latest.values())
+        return (sum(sum(s.values()) for s, _, _ in self.latest.values()),
+                sum(r for _, _, r in self.latest.values()))
+
+    def by_reason_and_shard(self) -> tuple[Counter, Counter]:
+        """Skipped samples of this rank by reason and by shard URL."""
+        reasons, shards = Counter(), Counter()
+        for s, lost, _ in self.latest.values():
+            reasons.update(s)
+            shards.update(lost)
+        return reasons, shards
+
+
+def too_many_skipped(skipped: int, trained: int, max_fraction: float, one_shard: int) -> bool:
+    """Whether the samples skipped exceed `max_fraction` of those read (skipped + trained) and, unless the
+    fraction is 0 (any loss stops), one shard's worth (`one_shard`): a single lost shard early in a run never
+    stops it by itself."""
+    return skipped > max_fraction * (skipped + trained) and (max_fraction == 0 or skipped > one_shard)
+
+
+def skip_message(skipped: int, trained: int, max_fraction: float, reasons: Counter, shards: Counter,
+                 saved: str = "") -> str:
+    """The one line that stops a run with too many skipped samples, naming the shards that lost them (and the
+    checkpoint `saved`, if any)."""
+    named = ", ".join(f"{url} ({n})" for url, n in shards.most_common(5))
+    more = f" and {len(shards) - 5} more" if len(shards) > 5 else ""
+    checkpoint = f"; checkpoint {saved} saved" if saved else ""
+    return (f"error: {skipped} of {skipped + trained} samples read were skipped ({skipped / (skipped + trained):.1%}), "
+            f"over data.max_skip_fraction {max_fraction:g} ({dict(reasons)}); shards that lost samples: "
+            f"{named or 'none named'}{more}{checkpoint}: repair or remove them (python -m pipeline.verify SET names "
+            f"the damaged ones) or raise data.max_skip_fraction, then run the same command again")
+
+
+def buffer_warning(sample_bytes: float, buffer: int, workers: int, local_ranks: int, memory: int) -> str | None:
+    """A word when the shuffle buffers of this machine's loader processes (one per worker, or the rank itself
+    with 0 workers) would take more than a quarter of its `memory` bytes; names a `data.buffer` that fits."""
+    readers = max(1, workers) * local_ranks
+    need = sample_bytes * buffer * readers
+    if need <= memory / 4:
+        return None
+    fit = max(1, int(memory / 4 / (sample_bytes * readers)))
+    return (f"data.buffer {buffer} samples x ~{sample_bytes / 1e3:.0f} KB a sample x {readers} loader processes "
+            f"(data.workers {workers} x {local_ranks} ranks) = ~{need / 1e9:.1f} GB of shuffle buffers on a machine "
+            f"with {memory / 1e9:.1f} GB: set data.buffer={fit} (a quarter of the memory) or fewer data.workers")
 
 
 class ShardStream(IterableDataset):
@@ -144,6 +197,25 @@ class ShardStream(IterableDataset):
         sizes = [{sh.size for sh in shards} - {None} for shards in self.sources]
         return [(src, size) for src, found in zip(self.cfg.sources, sizes) for size in sorted(found) if size != side]
 
+    def sample_bytes(self) -> float:
+        """Bytes a raw sample holds in the shuffle buffer, at most over the sources: the manifest's bytes per
+        sample, or for a pattern that of a sample with `dwt.f16` at the model's side (256 px if unknown)."""
+        def per_source(shards):
+            if all(sh.bytes and sh.samples for sh in shards):
+                return sum(sh.bytes for sh in shards) / max(1, sum(sh.samples for sh in shards))
+            side = self.cfg.resolution or shards[0].size or 256
+            return 6.5 * side * side  # 12 float16 bands at half the side (6 bytes a pixel) + the JPEG
+        return max(per_source(shards) for shards in self.sources)
+
+    def largest_shard(self) -> int:
+        """Samples of the largest shard (the manifests'; 1000, the pipeline's default, for patterns)."""
+        return max((sh.samples for sh in self.all_shards if sh.samples), default=1000)
+
+    def _side(self, size: int | None) -> int | None:
+        """The crop side a sample of a shard whose manifest says `size` must have: in DWT mode the model's
+        (bands are never resized), else the manifest's (pixel mode resizes any side to the model's)."""
+        return (self.cfg.resolution or size) if self.cfg.mode == "dwt" else size
+
     # -- which raw samples chunk c of a slot holds, in order --------------------------------------------------
 
     def _epoch_order(self, epoch: int) -> list:
@@ -167,29 +239,36 @@ class ShardStream(IterableDataset):
 
     def _chunk_samples(self, slot: int, c: int, plan: tuple, skips: SkipCounter):
         from webdataset.gopen import gopen
-        from webdataset.tariterators import tar_file_iterator
 
         shards, stride, _ = plan
         rng = np.random.default_rng([self.cfg.seed, slot, c, 1])
 
-        def read(shard):
-            url, n, errors = shard.url, 0, skips.counts.get("unreadable shard", 0)
+        def read(shard, mine=lambda lost: lost):
+            """The shard's samples; what it fails to deliver is counted (`mine`: this slot's share of it)."""
+            url, n = shard.url, 0
+            limit = max_member_bytes(self._side(shard.size) or MAX_CROP_SIDE)
             try:
                 with gopen(url) as stream:
-                    for sample in group_samples(tar_file_iterator(stream), skips, url):
+                    for sample in tar_samples(stream, url, limit):
                         n += 1
+                        sample["__size__"] = shard.size
                         yield sample
-            except Exception as e:  # noqa: BLE001 - an unreachable shard is counted, the stream goes on
-                skips.count("unreadable shard", f"{url}: {e}")
+            except Exception as e:  # noqa: BLE001 - an unreadable shard is counted, the stream goes on
+                lost = 1 if shard.samples is None else max(0, shard.samples - n)
+                skips.count("unreadable shard", f"{url}: {e}", mine(lost), url)
                 return
-            if shard.samples is not None and n < shard.samples and skips.counts.get("unreadable shard", 0) == errors:
+            if shard.samples is not None and n < shard.samples:
                 # a tar cut exactly between two samples reads as a shorter, valid tar: only the manifest tells
-                skips.count("short shard", f"{url}: {n} of its {shard.samples} samples (truncated?)")
+                skips.count("short shard", f"{url}: {n} of its {shard.samples} samples (truncated?)",
+                            mine(shard.samples - n), url)
 
         if stride is not None:  # sample split: every slot walks the same sequence, keeps its residue class
             index = 0
+
+            def mine(lost):  # of the `lost` samples that would have come next, those of this slot
+                return len(range((slot - index) % stride, lost, stride))
             for sh in shards:
-                for sample in read(sh):
+                for sample in read(sh, mine):
                     if index % stride == slot:
                         yield sample
                     index += 1
@@ -241,34 +320,42 @@ class ShardStream(IterableDataset):
         slot, S = self.rank * self.W + logical, self.world * self.W
         c, skip = self.start.chunks.get(logical, (0, 0))
         skips, batch, empty = SkipCounter(), [], 0
+        uniform, first_side = self.cfg.mode == "dwt" or not self.cfg.resolution, None  # collate stacks sides as read
         inherited = Counter(RETRIES)  # a forked worker starts with its parent's count: report its own retries only
         unsized = self.rank == 0 and self.cfg.mode == "pixel" and any(sh.size is None for sh in self.all_shards)
         on_resize = _warn_once(self.cfg.resolution, self.cfg.sources) if unsized else None  # patterns: no manifest
         while True:
             plan = self._chunk_plan(slot, S, c)
             flips = np.random.default_rng([self.cfg.seed, slot, c, 2])
-            taken = 0
+            taken = good = 0
             for j, raw in enumerate(self._chunk_samples(slot, c, plan, skips)):
                 flip = self.cfg.flip and flips.random() < 0.5
                 if j < skip:
                     continue
                 taken = j + 1
+                side = self._side(raw.get("__size__")) or first_side
                 try:
-                    batch.append(decode_sample(raw, self.cfg.mode, self.cfg.resolution, flip, on_resize))
-                except Exception as e:  # noqa: BLE001 - corrupt sample: counted, skipped
-                    skips.count("corrupt sample", f"{raw.get('__url__')}: {raw.get('__key__')}: {e}")
+                    sample = decode_sample(raw, self.cfg.mode, self.cfg.resolution, flip, on_resize, side)
+                except Exception as e:  # noqa: BLE001 - a bad sample is counted and skipped, never raised
+                    reason = e.reason if isinstance(e, BadSample) else "corrupt sample"
+                    skips.count(reason, f"{raw.get('__url__')}: {raw.get('__key__')}: {e}", 1, raw.get("__url__"))
                     continue
+                if side is None and uniform:  # nothing says the side: the worker's first sample sets it
+                    first_side = sample["dwt"].shape[-1] * 2 if "dwt" in sample else sample["img"].shape[-1]
+                batch.append(sample)
+                good += 1
                 if len(batch) == self.cfg.batch_size:
                     out = collate(batch)
                     out["pos"] = (logical, c, taken)
                     out["epoch"] = plan[2]
                     out["skipped"] = dict(skips.counts)
+                    out["lost"] = dict(skips.shards)
                     out["retries"] = dict(RETRIES - inherited)  # bucket retries of this worker so far
                     yield out
                     batch = []
-            empty = empty + 1 if taken == 0 and skip == 0 else 0
+            empty = empty + 1 if good == 0 and skip == 0 else 0
             if empty >= 8:  # never spin silently on unreadable data
-                raise RuntimeError(f"rank {self.rank} worker {logical}: no readable sample in 8 chunks in a row "
+                raise RuntimeError(f"rank {self.rank} worker {logical}: no usable sample in 8 chunks in a row "
                                    f"(skipped so far: {dict(skips.counts)}); check the data sources "
                                    f"{list(self.cfg.sources)}")
             c, skip = c + 1, 0

@@ -153,6 +153,11 @@ class DataConfig:
     shards_per_chunk: int = number(4, AT_LEAST_ONE)
     flip: bool = True
     record_keys: bool = False     # RUN_DIR/keys/rankR.jsonl: each step's sample keys (trainer/train/keyrecord.py)
+    # the run stops (with a checkpoint) when the samples skipped (bad samples, the samples lost with unreadable or
+    # short shards) exceed this fraction of those read, and one shard's worth (one lost shard early on never stops
+    # it); 0: any loss stops, 1: never. 1%: a few bad shards of a large set stay well under it and barely change
+    # the data distribution; more means damage (a truncated upload, a set of another size) worth stopping for
+    max_skip_fraction: float = number(0.01, Allowed(0, 1, hi_open=False))
 
     def __post_init__(self):
         object.__setattr__(self, "sources", (self.sources,) if isinstance(self.sources, str) else tuple(self.sources))

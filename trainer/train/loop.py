@@ -30,6 +30,7 @@ import json
 import os
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +46,8 @@ from trainer.core.masking import num_visible, visible_indices
 from trainer.core.models import attention_kernel
 from trainer.core.settings import DECAY_GROUPS
 from trainer.data.shards import to_model_input
-from trainer.data.stream import DataCounts, ShardStream, StreamConfig, StreamPosition
+from trainer.data.stream import (DataCounts, ShardStream, StreamConfig, StreamPosition, buffer_warning, skip_message,
+                                  too_many_skipped)
 from trainer.train.checkpoints import (UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune,
                                        stream_mismatch)
 from trainer.train.config import ExperimentConfig, batch_arithmetic
@@ -150,8 +152,9 @@ class _Records:
             self.file.flush()
 
     def log_step(self, step: int, loss_sum: torch.Tensor, finite_n: torch.Tensor, skipped_steps: int,
-                 counts: DataCounts, lr: float, train_s: float, loss_scale: float | None) -> None:
-        """One training record (all ranks call this: the loss and the data counts are summed over ranks)."""
+                 counts: DataCounts, lr: float, train_s: float, loss_scale: float | None) -> int:
+        """One training record (all ranks call this: the loss and the data counts are summed over ranks). Returns
+        the run's skipped samples in this session (the same on every rank)."""
         totals = torch.stack([loss_sum.float(), finite_n.float(),
                               *(torch.tensor(float(x), device=self.device) for x in counts.totals())])
         dist.all_reduce(totals)
@@ -164,7 +167,7 @@ class _Records:
         if loss_scale is not None:
             record["loss_scale"] = loss_scale
         if self.rank != 0:
-            return
+            return int(skipped)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}",
                              **({"scale": loss_scale} if loss_scale is not None else {}))
         self.log(json.dumps(record))
@@ -174,6 +177,7 @@ class _Records:
                 if key not in ("step", "images"):
                     self.board.add_scalar(f"train/{key}", value, step)
             self.board.flush()
+        return int(skipped)
 
     def grid(self, step: int, png: Path) -> None:
         self.write({"step": step, "samples": str(png)})
@@ -284,6 +288,27 @@ def _workers_warning(workers: int, local_ranks: int) -> str | None:
             f"they compete with training for the cores; set data.workers={fit} (0: load in the training process)")
 
 
+def _memory_bytes() -> int:
+    """This machine's memory, or the container's limit (cgroup v2) where lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        return min(total, int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    except (OSError, ValueError):  # no cgroup v2, or "max"
+        return total
+
+
+def _stop_skipped(save: Callable[[str], None], step: int, counts: DataCounts, skipped: int, trained: int,
+                  max_fraction: float) -> None:
+    """Too many samples skipped (all ranks agree: the count is all-reduced): save step N and stop, naming the
+    shards that lost samples on any rank."""
+    reasons, shards = Counter(), Counter()
+    for r, s in _gather(counts.by_reason_and_shard()):
+        reasons.update(r)
+        shards.update(s)
+    save(step_tag(step))
+    raise SystemExit(skip_message(skipped, trained, max_fraction, reasons, shards, step_tag(step)))
+
+
 def _stop_nonfinite(save: Callable[[str], None], step: int, message: str) -> None:
     """Save checkpoint nonfinite-stepN (all ranks) and stop the run with `message`."""
     save(f"nonfinite-step{step:08d}")
@@ -359,6 +384,9 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         raise SystemExit(f"error: data source {src} holds {size} px crops (DWT bands {size // 2}x{size // 2}) but "
                          f"model.image_size is {m.image_size}: DWT input is not resized; set model.image_size: {size} "
                          f"or shard the images at --size {m.image_size}")
+    if rank == 0 and (warning := buffer_warning(stream.sample_bytes(), cfg.data.buffer, cfg.data.workers, local_ranks,
+                                                _memory_bytes())):
+        log(json.dumps({"warning": warning}))
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.data.workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.workers > 0,
                         prefetch_factor=cfg.data.prefetch if cfg.data.workers > 0 else None,
@@ -445,11 +473,14 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             _stop_nonfinite(save, step, f"{nonfinite} consecutive steps with a non-finite loss (train.max_nonfinite) "
                                         f"up to step {step}; checkpoint nonfinite-step{step:08d} saved")
         if step % cfg.train.log_every == 0 or step == until or stopping:  # log (all ranks reduce)
-            records.log_step(step, loss_sum, finite_n, skipped, counts, scheduler.get_last_lr()[0], train_s(),
-                             optimizer.cur_scale if engine.fp16_enabled() else None)
+            lost = records.log_step(step, loss_sum, finite_n, skipped, counts, scheduler.get_last_lr()[0], train_s(),
+                                    optimizer.cur_scale if engine.fp16_enabled() else None)
             loss_sum.zero_()
             finite_n.zero_()
             skipped = 0
+            trained = (step - records.start_step) * cfg.train.global_batch  # this session's: counts restart too
+            if too_many_skipped(lost, trained, cfg.data.max_skip_fraction, stream.largest_shard()):
+                _stop_skipped(save, step, counts, lost, trained, cfg.data.max_skip_fraction)
         records.bar.update(1)
         ph.step_end()
         if rank == 0 and (step % cfg.train.sample_every == 0 or step == until):   # sample grid (EMA)
