@@ -15,29 +15,40 @@ Each invocation does at most one milestone (M = a multiple of --every, or the ru
    PUBLISH/stepM; then points PUBLISH/latest.json at it and records it in RUN_DIR/published.json.
 Idempotent: a milestone in published.json is never redone, and publishing the same bytes again uploads nothing,
 so a killed invocation is simply run again. Two invocations never run at once (RUN_DIR/schedule.lock, flock;
-a second one exits 0 saying so). When the run has published its last step, invocations do nothing.
+a second one exits 0 saying so), nor one beside a training that holds the run directory (RUN_DIR/run.lock). When
+the run has published its last step, invocations do nothing. Each child runs in its own process group: SIGTERM or
+SIGINT to the schedule is passed to every process of the child, and the schedule (holding its lock) waits until
+the last of them has ended: a training finishes its step and saves first. A run stopped by a non-finite loss
+(checkpoint nonfinite-stepN) is not continued: the schedule exits 1 saying how to resume it by hand.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 
 from trainer.core.settings import EXPORT_DTYPES, SamplingConfig
-from trainer.train.checkpoints import latest_tag
+from trainer.train.checkpoints import COMPLETE, latest_tag
+from trainer.train.distributed import group_processes
 from trainer.train.jobs import REPO
-from trainer.train.rundir import RunDir, step_tag, tag_step
+from trainer.train.rundir import RunDir, run_locked, step_tag, tag_step
 
 __all__ = ["next_action", "main"]
 
 
 def next_action(run: RunDir, every: int, total_steps: int) -> tuple[str, int]:
     """("publish", M) when the latest checkpoint is an unpublished milestone; ("train", M) for the next
-    milestone; ("done", last) when the last step is published."""
-    step = tag_step(latest_tag(run.checkpoints))
+    milestone; ("done", last) when the last step is published; ("diverged", N) when a non-finite loss stopped the
+    run at step N (its latest checkpoint is nonfinite-stepN)."""
+    tag = latest_tag(run.checkpoints)
+    if tag and tag.startswith("nonfinite-step"):
+        return "diverged", int(tag.removeprefix("nonfinite-step"))
+    step = tag_step(tag)
     published = run.published()
     milestone = step == total_steps or (step > 0 and step % every == 0)
     if milestone and str(step) not in published:
@@ -54,11 +65,44 @@ def _evaluated(run: RunDir, step: int, sampling: SamplingConfig) -> bool:
                for r in run.read_metrics())
 
 
+def _diverged(run: RunDir, step: int) -> str:
+    good = sorted(p.parent.name for p in run.checkpoints.glob(f"step[0-9]*/{COMPLETE}") if tag_step(p.parent.name) < step)
+    tag = run.checkpoint(f"nonfinite-step{step:08d}")
+    return (f"error: {run.root} diverged: a non-finite loss stopped training at step {step} (checkpoint {tag}, "
+            f"weights from before the step); the schedule does not continue a diverged run. Resume it by hand, e.g. "
+            f"with a lower optim.lr: deepspeed trainer/pretrain.py ... --run-dir {run.root} --resume "
+            f"{good[-1] if good else tag.name} --set optim.lr=...; the schedule continues from its "
+            f"next checkpoint")
+
+
 def _run(cmd: list[str], what: str, env=None) -> None:
+    """Run a child in its own process group; SIGTERM/SIGINT to the schedule go to the whole group, and the
+    schedule returns only once every process of the group has ended (a training's ranks outlive its launcher
+    while they save)."""
     print(f"[schedule] {what}: {shlex.join(cmd)}", flush=True)
-    r = subprocess.run(cmd, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"error: {what} failed (exit {r.returncode}); nothing was published. Run the schedule "
+    child = subprocess.Popen(cmd, env=env, process_group=0)
+    got: list = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+        while group_processes(child.pid):  # what the child started outlives it (a training saving its checkpoint)
+            time.sleep(0.2)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if got:
+        raise SystemExit(f"[schedule] stopped by {signal.Signals(got[0]).name} during {what}; every process of it "
+                         f"has ended. Run the schedule again to continue from the latest checkpoint")
+    if code != 0:
+        raise SystemExit(f"error: {what} failed (exit {code}); nothing was published. Run the schedule "
                          f"again once fixed: it continues from the latest checkpoint")
 
 
@@ -96,7 +140,12 @@ def main(argv=None) -> None:
     except BlockingIOError:
         print(f"[schedule] another invocation holds {run.schedule_lock}: nothing to do", flush=True)
         return
+    if holder := run_locked(run):
+        print(f"[schedule] a training holds {run.lock} ({holder}): nothing to do", flush=True)
+        return
     action, milestone = next_action(run, args.every, cfg.train.steps)
+    if action == "diverged":
+        raise SystemExit(_diverged(run, milestone))
     if action == "done":
         print(f"[schedule] {run.root}: step {milestone} of {cfg.train.steps} trained and published: nothing to do")
         return
