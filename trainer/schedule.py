@@ -66,7 +66,8 @@ def _evaluated(run: RunDir, step: int, sampling: SamplingConfig) -> bool:
 
 
 def _diverged(run: RunDir, step: int) -> str:
-    good = sorted(p.parent.name for p in run.checkpoints.glob(f"step[0-9]*/{COMPLETE}") if tag_step(p.parent.name) < step)
+    good = sorted(t for t in (p.parent.name for p in run.checkpoints.glob(f"step[0-9]*/{COMPLETE}"))
+                  if tag_step(t) < step)
     tag = run.checkpoint(f"nonfinite-step{step:08d}")
     return (f"error: {run.root} diverged: a non-finite loss stopped training at step {step} (checkpoint {tag}, "
             f"weights from before the step); the schedule does not continue a diverged run. Resume it by hand, e.g. "
