@@ -120,16 +120,16 @@ def test_sigterm_to_the_schedule_reaches_its_training_and_waits_for_it(tmp_path)
     cmd = [sys.executable, "-m", "trainer.schedule", "--config", str(cfg), "--deepspeed_config", str(dsc),
            "--run-dir", str(tmp_path / "run"), "--every", "2", "--publish", str(tmp_path / "published"),
            "--launcher", f"{sys.executable} {launcher} {out}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    log = tmp_path / "log.txt"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for((out / "rank-started").exists, 60, "the fake rank", alive=lambda: proc.poll() is None)
         second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert second.returncode == 0 and "another invocation holds" in second.stdout
         proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         assert (out / "saved").exists()  # the schedule ended after its training did
-        assert proc.returncode == 1 and "stopped by SIGTERM during training to step 2" in stderr
+        assert proc.returncode == 1 and "stopped by SIGTERM during training to step 2" in log.read_text()
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
