@@ -24,31 +24,23 @@ the last of them has ended: a training finishes its step and saves first. A run 
 from __future__ import annotations
 
 import argparse
-import fcntl
-import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 
 from trainer.core.settings import EXPORT_DTYPES, SamplingConfig
-from trainer.train.checkpoints import COMPLETE, latest_tag
-from trainer.train.distributed import group_processes
-from trainer.train.jobs import REPO
-from trainer.train.rundir import RunDir, run_locked, step_tag, tag_step
+from trainer.train.checkpoints import divergence, latest_tag
+from trainer.train.jobs import REPO, run_group
+from trainer.train.rundir import RunDir, lock_schedule, step_tag, tag_step
 
 __all__ = ["next_action", "main"]
 
 
 def next_action(run: RunDir, every: int, total_steps: int) -> tuple[str, int]:
     """("publish", M) when the latest checkpoint is an unpublished milestone; ("train", M) for the next
-    milestone; ("done", last) when the last step is published; ("diverged", N) when a non-finite loss stopped the
-    run at step N (its latest checkpoint is nonfinite-stepN)."""
-    tag = latest_tag(run.checkpoints)
-    if tag and tag.startswith("nonfinite-step"):
-        return "diverged", int(tag.removeprefix("nonfinite-step"))
-    step = tag_step(tag)
+    milestone; ("done", last) when the last step is published."""
+    step = tag_step(latest_tag(run.checkpoints))
     published = run.published()
     milestone = step == total_steps or (step > 0 and step % every == 0)
     if milestone and str(step) not in published:
@@ -65,43 +57,12 @@ def _evaluated(run: RunDir, step: int, sampling: SamplingConfig) -> bool:
                for r in run.read_metrics())
 
 
-def _diverged(run: RunDir, step: int) -> str:
-    good = sorted(t for t in (p.parent.name for p in run.checkpoints.glob(f"step[0-9]*/{COMPLETE}"))
-                  if tag_step(t) < step)
-    tag = run.checkpoint(f"nonfinite-step{step:08d}")
-    return (f"error: {run.root} diverged: a non-finite loss stopped training at step {step} (checkpoint {tag}, "
-            f"weights from before the step); the schedule does not continue a diverged run. Resume it by hand, e.g. "
-            f"with a lower optim.lr: deepspeed trainer/pretrain.py ... --run-dir {run.root} --resume "
-            f"{good[-1] if good else tag.name} --set optim.lr=...; the schedule continues from its "
-            f"next checkpoint")
-
-
 def _run(cmd: list[str], what: str, env=None) -> None:
-    """Run a child in its own process group; SIGTERM/SIGINT to the schedule go to the whole group, and the
-    schedule returns only once every process of the group has ended (a training's ranks outlive its launcher
-    while they save)."""
     print(f"[schedule] {what}: {shlex.join(cmd)}", flush=True)
-    child = subprocess.Popen(cmd, env=env, process_group=0)
-    got: list = []
-
-    def forward(signum, frame):
-        got.append(signum)
-        try:
-            os.killpg(child.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = child.wait()
-        while group_processes(child.pid):  # what the child started outlives it (a training saving its checkpoint)
-            time.sleep(0.2)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    if got:
-        raise SystemExit(f"[schedule] stopped by {signal.Signals(got[0]).name} during {what}; every process of it "
-                         f"has ended. Run the schedule again to continue from the latest checkpoint")
+    code, stopped_by = run_group(cmd, env)  # returns once every process of the child has ended
+    if stopped_by is not None:
+        raise SystemExit(f"[schedule] stopped by {signal.Signals(stopped_by).name} during {what}; every process of "
+                         f"it has ended. Run the schedule again to continue from the latest checkpoint")
     if code != 0:
         raise SystemExit(f"error: {what} failed (exit {code}); nothing was published. Run the schedule "
                          f"again once fixed: it continues from the latest checkpoint")
@@ -135,18 +96,13 @@ def main(argv=None) -> None:
     run = RunDir(args.run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     cfg, _ = load(argparse.Namespace(config=args.config, deepspeed_config=args.deepspeed_config, set=args.set))
-    lock = open(run.schedule_lock, "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"[schedule] another invocation holds {run.schedule_lock}: nothing to do", flush=True)
+    lock, busy = lock_schedule(run)  # held until this process ends
+    if busy:
+        print(f"[schedule] {busy}: nothing to do", flush=True)
         return
-    if holder := run_locked(run):
-        print(f"[schedule] a training holds {run.lock} ({holder}): nothing to do", flush=True)
-        return
+    if why := divergence(run.checkpoints):  # a non-finite loss stopped the run: not for a schedule to continue
+        raise SystemExit(why)
     action, milestone = next_action(run, args.every, cfg.train.steps)
-    if action == "diverged":
-        raise SystemExit(_diverged(run, milestone))
     if action == "done":
         print(f"[schedule] {run.root}: step {milestone} of {cfg.train.steps} trained and published: nothing to do")
         return

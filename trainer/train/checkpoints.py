@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 __all__ = ["latest_tag", "begin_save", "sync_rank_files", "mark_complete", "is_complete", "checkpoint_world",
-           "plan_resume", "convert_to_universal", "prune", "fsync_path", "UNIVERSAL_SUFFIX", "COMPLETE", "SAVING"]
+           "plan_resume", "convert_to_universal", "prune", "fsync_path", "divergence", "UNIVERSAL_SUFFIX", "COMPLETE",
+           "SAVING"]
 
 UNIVERSAL_SUFFIX = "_universal"
 
@@ -111,6 +112,22 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     if any((p / SAVING).is_file() for p in tags):
         return None
     return named
+
+
+def divergence(ckpt_dir: str | Path) -> str | None:
+    """When a non-finite loss stopped the run (its latest checkpoint is nonfinite-stepN): one line saying so, which
+    checkpoint holds it and how to resume (from the newest whole periodic checkpoint before N, at a lower rate)."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = latest_tag(ckpt_dir)
+    if not (tag and tag.startswith("nonfinite-step")):
+        return None
+    step = int(tag.removeprefix("nonfinite-step"))
+    good = sorted(t for t in (p.parent.name for p in ckpt_dir.glob(f"step[0-9]*/{COMPLETE}"))
+                  if t[4:].isdigit() and int(t[4:]) < step)
+    return (f"error: {ckpt_dir.parent} diverged: a non-finite loss stopped training at step {step} (checkpoint "
+            f"{ckpt_dir / tag}, weights from before the step); a diverged run is not continued automatically. Resume "
+            f"it by hand, e.g. at a lower optim.lr: deepspeed trainer/pretrain.py ... --run-dir {ckpt_dir.parent} "
+            f"--resume {good[-1] if good else tag} --set optim.lr=...; the schedule continues from its next checkpoint")
 
 
 def checkpoint_world(tag_dir: str | Path) -> int | None:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunDir", "step_tag", "tag_step", "lock_run", "run_locked"]
+__all__ = ["RunDir", "step_tag", "tag_step", "lock_run", "run_locked", "lock_schedule"]
 
 
 def step_tag(step: int) -> str:
@@ -191,3 +191,18 @@ def run_locked(run: RunDir) -> str | None:
         except OSError:
             return None
     return None
+
+
+def lock_schedule(run: RunDir) -> tuple[object | None, str | None]:
+    """trainer.schedule's lock, RUN_DIR/schedule.lock (one invocation at a time): (open lock file, None), or
+    (None, why not: another invocation holds it, or a training holds the run directory)."""
+    lock = open(run.schedule_lock, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None, f"another invocation holds {run.schedule_lock}"
+    if holder := run_locked(run):
+        lock.close()
+        return None, f"a training holds {run.lock} ({holder})"
+    return lock, None
