@@ -264,15 +264,17 @@ train: {{steps: {steps}, global_batch: 8, micro_batch: 2, log_every: 2, ckpt_eve
     return cfg, dsc
 
 
-def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True, num_gpus=2):
-    """`deepspeed --num_gpus N trainer/SCRIPT --config CFG --deepspeed_config DSC --run-dir RUN EXTRA` on CPU.
-    wait=False: the Popen, in its own session (kill the whole job with os.killpg)."""
+def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True, num_gpus=2, output=None):
+    """`deepspeed --num_gpus N trainer/SCRIPT --config CFG --deepspeed_config DSC --run-dir RUN EXTRA` on CPU
+    (SCRIPT relative to trainer/, or a path). wait=False: the Popen, in its own session (kill the whole job with
+    `kill_job`), its output to the file `output` if given."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_gpus),
            "--master_port", str(free_port()),
            str(REPO / "trainer" / script), "--config", str(cfg), "--deepspeed_config", str(dsc),
            "--run-dir", str(run_dir), *map(str, extra)]
     if not wait:
-        return subprocess.Popen(cmd, env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        out = open(output, "w") if output else subprocess.DEVNULL
+        return subprocess.Popen(cmd, env=launcher_env(), stdout=out, stderr=subprocess.STDOUT if output else out,
                                 start_new_session=True)
     r = run_launcher(cmd, launcher_env(), timeout=600)
     assert r.returncode == 0 or not check, r.stdout[-4000:] + r.stderr[-4000:]
@@ -281,6 +283,32 @@ def launch_script(script, cfg, dsc, run_dir, *extra, wait=True, check=True, num_
 
 def launch(cfg, dsc, run_dir, *extra, wait=True, check=True):
     return launch_script("pretrain.py", cfg, dsc, run_dir, *extra, wait=wait, check=check)
+
+
+def job_processes(pgid: int) -> list[int]:
+    """The live processes (not zombies) of a launched job's session (`launch(..., wait=False)`: pgid = its pid)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text() if d.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields and int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def kill_job(proc) -> None:
+    """SIGKILL every process of a job launched with wait=False, and free its /dev/shm buffers."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    release_shm(proc.args[proc.args.index("--master_port") + 1])
 
 
 def records(run_dir):

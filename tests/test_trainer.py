@@ -1,5 +1,7 @@
 """The trainer with the real DeepSpeed launcher on CPU (DS_ACCELERATOR=cpu, gloo, 2 ranks): ZeRO 1/2/3 train,
-checkpoint and resume; a SIGKILLed run resumed equals an uninterrupted one."""
+checkpoint and resume; a SIGKILLed run resumed equals an uninterrupted one; signals to any process of the job, a
+launcher killed or a rank failing end the whole job (saving where it can), and no checkpoint is taken for whole
+that is not."""
 import json
 import math
 import os
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, final_state, launch, launch_script, records, release_shm, wait_for, write_config
+from helpers import (REPO, final_state, job_processes, kill_job, launch, launch_script, records, release_shm, wait_for,
+                     write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -296,3 +299,87 @@ def test_too_many_lost_samples_stop_every_rank_with_a_checkpoint(tmp_path, train
     assert any(str(shard) in line for shard in gone) and "unreadable shard" in line
     step = records(tmp_path / "run")[-1]["step"]
     assert step < 40 and final_state(tmp_path / "run", f"step{step:08d}")["step"] == step
+
+
+def _stopped_with_a_checkpoint(run):
+    """The run's one "stopped" record names the step whose checkpoint is whole and is the latest."""
+    from trainer.train.checkpoints import is_complete, latest_tag
+
+    stopped = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "stopped" in r]
+    assert len(stopped) == 1
+    tag = f"step{stopped[0]['step']:08d}"
+    assert latest_tag(run / "checkpoints") == tag and is_complete(run / "checkpoints" / tag)
+    assert final_state(run, tag)["step"] == stopped[0]["step"]
+
+
+def test_sigterm_to_the_deepspeed_command_alone_saves_and_stops_the_job(tmp_path, train_shards):
+    """The README's promise for the `deepspeed` command's PID too (the runner, which has no SIGTERM handler on one
+    node and ends at once): its ranks notice, finish the step, save and stop, and nothing of the job is left.
+    Meanwhile a second training in the same run directory is refused, naming the first."""
+    cfg, dsc = write_config(tmp_path, train_shards, steps=100_000, ckpt_every=7, stage=2)
+    run = tmp_path / "run"
+    proc = launch(cfg, dsc, run, wait=False)
+    try:
+        wait_for((run / "checkpoints" / "latest").exists, 300, "the first checkpoint",
+                 alive=lambda: proc.poll() is None)
+        second = launch_script("pretrain.py", cfg, dsc, run, "--until-step", 1, check=False, num_gpus=1)
+        out = second.stdout + second.stderr
+        assert second.returncode != 0 and f"error: run directory {run} is in use by another training (host " in out
+        assert "pretrain.py" in out.split("is in use by another training")[1].splitlines()[0]  # the holder's command
+        proc.send_signal(signal.SIGTERM)  # the runner only
+        proc.wait(timeout=60)
+        wait_for(lambda: not job_processes(proc.pid), 120, "every process of the job to end", poll=0.1)
+    finally:
+        kill_job(proc)
+    _stopped_with_a_checkpoint(run)
+
+
+def test_a_sigkilled_launcher_leaves_no_orphan_rank(tmp_path, train_shards):
+    """SIGKILL to DeepSpeed's per-node launcher (deepspeed.launcher.launch): its ranks, re-parented, finish the
+    step, save and stop."""
+    cfg, dsc = write_config(tmp_path, train_shards, steps=100_000, ckpt_every=7, stage=1)
+    run = tmp_path / "run"
+    proc = launch(cfg, dsc, run, wait=False)
+    try:
+        wait_for((run / "checkpoints" / "latest").exists, 300, "the first checkpoint",
+                 alive=lambda: proc.poll() is None)
+        (launcher,) = [pid for pid in job_processes(proc.pid)
+                       if b"deepspeed.launcher.launch" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(launcher, signal.SIGKILL)
+        wait_for(lambda: not job_processes(proc.pid), 120, "the orphaned ranks to end", poll=0.1)
+    finally:
+        kill_job(proc)
+    _stopped_with_a_checkpoint(run)
+
+
+def test_a_rank_that_fails_mid_step_ends_the_whole_job(tmp_path, train_shards, monkeypatch):
+    """Rank 1 raises in its 3rd micro-batch while rank 0 goes on into the gradient all-reduce; with a DataLoader
+    worker per rank (whose join at exit used to keep the failed rank alive, and the job hanging forever). The
+    failed rank exits at once and DeepSpeed's launcher ends the other (SIGTERM, then SIGKILL after its 30 s)."""
+    cfg, dsc = write_config(tmp_path, train_shards, steps=100_000, ckpt_every=1000, stage=2)
+    monkeypatch.setenv("MASKDM_TEST_FAULT", "raise-mid-step")  # read by tests/fault_rank.py only
+    log = tmp_path / "log.txt"
+    proc = launch_script(REPO / "tests" / "fault_rank.py", cfg, dsc, tmp_path / "run", "--set", "data.workers=1",
+                         wait=False, output=log)
+    try:
+        wait_for(lambda: proc.poll() is not None, 180, "the job to end")
+        wait_for(lambda: not job_processes(proc.pid), 60, "every process of the job to end", poll=0.1)
+    finally:
+        kill_job(proc)
+    assert proc.returncode != 0 and "RuntimeError: injected fault: rank 1 fails mid-step" in log.read_text()
+
+
+def test_a_tag_saved_over_and_interrupted_is_not_taken_for_whole(tmp_path, zero_run, monkeypatch):
+    """`--resume none` in a run directory saves over its step-2 checkpoint; rank 1 dies before writing its
+    partition, after rank 0 wrote its files and `latest`: the tag now mixes two saves and must not be resumed."""
+    from trainer.train.checkpoints import latest_tag
+
+    z = zero_run(2)
+    run = tmp_path / "run"
+    shutil.copytree(z.at_step_2, run)
+    assert latest_tag(run / "checkpoints") == "step00000002"
+    monkeypatch.setenv("MASKDM_TEST_FAULT", "die-in-save")
+    r = launch_script(REPO / "tests" / "fault_rank.py", z.cfg, z.dsc, run, "--resume", "none", "--until-step", 2,
+                      check=False)
+    assert r.returncode != 0
+    assert latest_tag(run / "checkpoints") is None

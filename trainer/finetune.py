@@ -31,6 +31,7 @@ def main(argv=None) -> None:
 
     from pipeline.credentials import refuse_url_credentials
     from trainer.data.shards import check_sources
+    from trainer.train.checkpoints import latest_tag
     from trainer.train.loop import training_loop
     from trainer.train.rundir import RunDir
     from trainer.weights.load import apply_pretrained, is_training_run, load_pretrained
@@ -60,10 +61,13 @@ def main(argv=None) -> None:
             print(json.dumps({"init": args.init, "init_weights": which, "missing_keys": missing,
                               "unexpected_keys": unexpected}), flush=True)
 
-    resuming = args.resume != "none" and RunDir(args.run_dir).latest.exists()
+    # a run with a whole checkpoint of its own resumes from it (`--resume auto`: one that ever completed a save)
+    resuming = args.resume != "none" and (args.resume != "auto" or latest_tag(RunDir(args.run_dir).checkpoints))
     training_loop(cfg, ds_config=ds, run_dir=args.run_dir, resume=args.resume, until_step=args.until_step,
                   time_limit=args.time_limit, init_model=None if resuming else init)
 
 
 if __name__ == "__main__":
-    main()
+    from trainer.train.distributed import end_job_on_failure
+
+    end_job_on_failure(main)  # a rank that fails leaves at once: the launcher then ends the other ranks

@@ -33,4 +33,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from trainer.train.distributed import end_job_on_failure
+
+    end_job_on_failure(main)  # a rank that fails leaves at once: the launcher then ends the other ranks

@@ -15,22 +15,25 @@ Each invocation does at most one milestone (M = a multiple of --every, or the ru
    PUBLISH/stepM; then points PUBLISH/latest.json at it and records it in RUN_DIR/published.json.
 Idempotent: a milestone in published.json is never redone, and publishing the same bytes again uploads nothing,
 so a killed invocation is simply run again. Two invocations never run at once (RUN_DIR/schedule.lock, flock;
-a second one exits 0 saying so). When the run has published its last step, invocations do nothing.
+a second one exits 0 saying so), nor one beside a training that holds the run directory (RUN_DIR/run.lock). When
+the run has published its last step, invocations do nothing. Each child runs in its own process group: SIGTERM or
+SIGINT to the schedule is passed to every process of the child, and the schedule (holding its lock) waits until
+the last of them has ended: a training finishes its step and saves first. A run stopped by a non-finite loss
+(checkpoint nonfinite-stepN) is not continued: the schedule exits 1 saying how to resume it by hand.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import shlex
-import subprocess
+import signal
 import sys
 import time
 
 from pipeline.credentials import refuse_url_credentials
 from trainer.core.settings import EXPORT_DTYPES, SamplingConfig
-from trainer.train.checkpoints import latest_tag
-from trainer.train.jobs import REPO
-from trainer.train.rundir import RunDir, step_tag, tag_step
+from trainer.train.checkpoints import divergence, latest_tag
+from trainer.train.jobs import REPO, run_group
+from trainer.train.rundir import RunDir, lock_schedule, step_tag, tag_step
 
 __all__ = ["next_action", "main"]
 
@@ -57,9 +60,12 @@ def _evaluated(run: RunDir, step: int, sampling: SamplingConfig) -> bool:
 
 def _run(cmd: list[str], what: str, env=None) -> None:
     print(f"[schedule] {what}: {shlex.join(cmd)}", flush=True)
-    r = subprocess.run(cmd, env=env)
-    if r.returncode != 0:
-        raise SystemExit(f"error: {what} failed (exit {r.returncode}); nothing was published. Run the schedule "
+    code, stopped_by = run_group(cmd, env)  # returns once every process of the child has ended
+    if stopped_by is not None:
+        raise SystemExit(f"[schedule] stopped by {signal.Signals(stopped_by).name} during {what}; every process of "
+                         f"it has ended. Run the schedule again to continue from the latest checkpoint")
+    if code != 0:
+        raise SystemExit(f"error: {what} failed (exit {code}); nothing was published. Run the schedule "
                          f"again once fixed: it continues from the latest checkpoint")
 
 
@@ -93,12 +99,12 @@ def main(argv=None) -> None:
     run = RunDir(args.run_dir)
     run.root.mkdir(parents=True, exist_ok=True)
     cfg, _ = load(argparse.Namespace(config=args.config, deepspeed_config=args.deepspeed_config, set=args.set))
-    lock = open(run.schedule_lock, "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"[schedule] another invocation holds {run.schedule_lock}: nothing to do", flush=True)
+    lock, busy = lock_schedule(run)  # held until this process ends
+    if busy:
+        print(f"[schedule] {busy}: nothing to do", flush=True)
         return
+    if why := divergence(run.checkpoints):  # a non-finite loss stopped the run: not for a schedule to continue
+        raise SystemExit(why)
     action, milestone = next_action(run, args.every, cfg.train.steps)
     if action == "done":
         print(f"[schedule] {run.root}: step {milestone} of {cfg.train.steps} trained and published: nothing to do")

@@ -34,7 +34,8 @@ import warnings
 from pathlib import Path
 
 __all__ = ["OP_NAME", "cpu_comm_build_dir", "cpu_comm_op_built", "announce_cpu_comm_build", "build_cpu_comm_op",
-           "quiet_known_noise", "init_distributed_quietly", "distributed_context", "release_shm", "free_port"]
+           "quiet_known_noise", "init_distributed_quietly", "distributed_context", "release_shm", "free_port",
+           "LauncherWatch", "end_job_on_failure", "group_processes"]
 
 
 def distributed_context():
@@ -174,3 +175,82 @@ def init_distributed_quietly() -> None:
                 if not (OP_NAME in line and "built successfully" in line)]
         sys.stdout.write("".join(kept))
         sys.stdout.flush()
+
+
+# --- the job's processes: a launcher that is gone, a rank that fails --------------------------------------------
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of a process from /proc (Linux); None if it is gone or unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": the name may hold spaces and parentheses
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class LauncherWatch:
+    """Whether this rank's DeepSpeed launcher is gone. On a node, `deepspeed` (the runner) starts
+    `deepspeed.launcher.launch`, which starts the ranks. The runner has no SIGTERM handler on one node: a SIGTERM or
+    a SIGKILL to the `deepspeed` command's PID ends it alone, and its launcher and ranks would train on unattended;
+    a SIGKILLed launcher orphans its ranks. So each rank records its launcher and the launcher's parent at start and
+    asks, once per optimiser step, whether either has gone (the rank or the launcher re-parented): the loop then
+    treats it as a stop signal (finish the step, save, stop). Only under DeepSpeed's launcher on Linux: a rank of
+    another launcher (torchrun forwards signals itself) or of none is never stopped by this."""
+
+    def __init__(self):
+        self.launcher = os.getppid()
+        stat = _proc_stat(self.launcher) if "deepspeed.launcher.launch" in _cmdline(self.launcher) else None
+        self.starter = stat[1] if stat else None
+
+    def gone(self) -> bool:
+        if self.starter is None:
+            return False
+        if os.getppid() != self.launcher:
+            return True
+        stat = _proc_stat(self.launcher)
+        return stat is None or stat[1] != self.starter
+
+
+def end_job_on_failure(main):
+    """Run a rank's `main()`; if it raises, print the error (a traceback, or a SystemExit's message), kill this
+    rank's own children (DataLoader workers) and leave at once with os._exit. A rank that failed must exit for the
+    launcher to end the job (DeepSpeed's launcher terminates the other ranks when one exits non-zero), but an
+    ordinary exit can block: joining a DataLoader worker, or a process group's threads, while another rank waits
+    in a collective forever."""
+    import multiprocessing
+    import traceback
+
+    try:
+        return main()
+    except BaseException as e:  # noqa: BLE001 (SystemExit and KeyboardInterrupt end the job too)
+        code = e.code if isinstance(e, SystemExit) else 1
+        if isinstance(e, SystemExit) and (code is None or code == 0):
+            raise
+        if isinstance(e, SystemExit):
+            if not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+        else:
+            traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for child in multiprocessing.active_children():
+            child.kill()
+        os._exit(code)
+
+
+def group_processes(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid` (Linux: /proc); an empty list once it is gone."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (stat := _proc_stat(int(d.name))) and stat[2] == pgid and stat[0] != "Z":
+            pids.append(int(d.name))
+    return pids

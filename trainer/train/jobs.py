@@ -1,15 +1,19 @@
 """Jobs that chain the project's commands (`trainer.quickstart`): numbered stage banners with their elapsed times,
 and running one command (`python -m MODULE ...`) in a child process, its command line printed first, a failure
-ending the job with a message that says what failed. (`trainer/train/launch.py` starts the training commands.)
+ending the job with a message that says what failed, and running a child in a process group of its own that the
+job's stop signals reach and that is waited for to its last process (`run_group`, for `trainer.schedule`).
+(`trainer/train/launch.py` starts the training commands.)
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["Stages", "mmss", "run_module", "REPO"]
+__all__ = ["Stages", "mmss", "run_module", "run_group", "REPO"]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,6 +30,34 @@ def run_module(module: str, args: list, failure: str) -> None:
     print(f"  $ python {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd, cwd=REPO).returncode != 0:
         raise SystemExit(failure)
+
+
+def run_group(cmd: list[str], env=None) -> tuple[int, int | None]:
+    """Run `cmd` in a process group of its own; SIGTERM or SIGINT to this process is passed to every process of the
+    group (as Slurm or a terminal would signal a whole job). Returns (the child's exit code, the signal passed on or
+    None) once every process of the group has ended: a training's ranks outlive its launcher while they save, and
+    whoever holds a lock for the child must hold it until then."""
+    from trainer.train.distributed import group_processes
+
+    child = subprocess.Popen(cmd, env=env, process_group=0)
+    got: list = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        try:
+            os.killpg(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+        while group_processes(child.pid):
+            time.sleep(0.2)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return code, got[0] if got else None
 
 
 class Stages:

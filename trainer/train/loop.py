@@ -48,13 +48,14 @@ from trainer.core.settings import DECAY_GROUPS
 from trainer.data.shards import to_model_input
 from trainer.data.stream import (DataCounts, ShardStream, StreamConfig, StreamPosition, buffer_warning, skip_message,
                                   too_many_skipped)
-from trainer.train.checkpoints import (UNIVERSAL_SUFFIX, convert_to_universal, mark_complete, plan_resume, prune,
-                                       stream_mismatch)
+from trainer.train.checkpoints import (UNIVERSAL_SUFFIX, begin_save, convert_to_universal, mark_complete, plan_resume,
+                                       prune, stream_mismatch, sync_rank_files)
 from trainer.train.config import ExperimentConfig, batch_arithmetic
-from trainer.train.distributed import announce_cpu_comm_build, init_distributed_quietly, quiet_known_noise, release_shm
+from trainer.train.distributed import (LauncherWatch, announce_cpu_comm_build, init_distributed_quietly,
+                                       quiet_known_noise, release_shm)
 from trainer.train.ema import EMA
 from trainer.train.keyrecord import KeyRecord
-from trainer.train.rundir import RunDir, step_tag
+from trainer.train.rundir import RunDir, lock_run, step_tag
 from trainer.train.safeload import weights_only_loads
 
 __all__ = ["training_loop", "param_groups", "adamw_fused", "Phases"]
@@ -308,6 +309,16 @@ def _stop_skipped(save: Callable[[str], None], step: int, counts: DataCounts, sk
     save(step_tag(step))
     raise SystemExit(skip_message(skipped, trained, max_fraction, reasons, shards, step_tag(step)))
 
+def _lock_run_dir(run: RunDir, rank: int, device):
+    """Rank 0 takes the run directory's lock (`lock_run`) and every rank learns whether it got it, so a refused
+    job ends on every rank with rank 0's one-line message instead of ranks waiting for a rank 0 that has left."""
+    lock, refusal = lock_run(run) if rank == 0 else (None, None)
+    refused = torch.tensor([float(refusal is not None)], device=device)
+    dist.all_reduce(refused)
+    if refused.item():
+        raise SystemExit(refusal if rank == 0 else 1)
+    return lock
+
 
 def _stop_nonfinite(save: Callable[[str], None], step: int, message: str) -> None:
     """Save checkpoint nonfinite-stepN (all ranks) and stop the run with `message`."""
@@ -330,7 +341,9 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     accumulation = batch_arithmetic(cfg.train.global_batch, cfg.train.micro_batch, world)
     ds = {**ds_config, "train_batch_size": cfg.train.global_batch,
           "train_micro_batch_size_per_gpu": cfg.train.micro_batch, "gradient_accumulation_steps": accumulation}
+    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
     run = RunDir(run_dir)
+    run_lock = _lock_run_dir(run, rank, device)  # before anything is written into the run directory
     if rank == 0:
         run.checkpoints.mkdir(parents=True, exist_ok=True)
         run.config.write_text(cfg.to_yaml())
@@ -344,7 +357,6 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     # --- model, optimiser, engine, EMA ----------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     m = cfg.model
-    device = torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
     model = m.build(grad_checkpoint=m.grad_checkpoint)
     if init_model is not None:
         init_model(model)  # fine-tuning: load pre-trained weights before the engine takes the model
@@ -401,7 +413,11 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         client = {"step": step, "train_s": train_s(), "ema": ema.state_dict(), "config": cfg.to_dict(),
                   "data_seed": data_seed, "data_workers": cfg.data.workers,
                   "positions": _gather(position.state_dict()), "rng": _gather(gen.get_state())}
+        if rank == 0:
+            begin_save(run.checkpoint(tag))  # a tag saved over (--resume none or an older tag) is not whole now
+        dist.barrier()
         engine.save_checkpoint(str(run.checkpoints), tag=tag, client_state=client)
+        sync_rank_files(run.checkpoint(tag), rank)  # this rank's part on the disk, not only in the page cache
         dist.barrier()  # every rank has written its part: only now is the checkpoint whole
         if rank == 0:
             mark_complete(run.checkpoint(tag), step, world)
@@ -415,6 +431,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     start, loss_sum, finite_n = records.start, torch.zeros((), device=device), torch.zeros((), device=device)
     inject = {int(x) for x in os.environ.get("MASKDM_INJECT_NONFINITE", "").split(",") if x.strip()}
     stop_signal, previous_handlers = _catch_stop_signals()
+    launcher = LauncherWatch()  # a launcher gone (SIGTERM/SIGKILL to the `deepspeed` command) stops the run too
     nonfinite = skipped = 0  # consecutive steps with a non-finite loss; steps skipped since the last record
     ph = phases or _NoPhases()  # bench/trainer_overhead.py's breakdown; no-ops otherwise
     while step < until:
@@ -447,6 +464,8 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
             ph.mark("backward")
             if micro == accumulation - 1:  # the step boundary: one agreement of all ranks, one host read per step
                 out_of_time = time_limit is not None and train_s() >= time_limit
+                if launcher.gone() and stop_signal[0] is None:
+                    stop_signal[0] = "launcher"
                 host = torch.tensor([float(stop_signal[0] is not None), float(out_of_time)])
                 flags = torch.cat([bad.float().view(1), host.to(device, non_blocking=True)])
                 dist.all_reduce(flags)
@@ -490,7 +509,7 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
         if stopping:
             if rank == 0:
                 why = (f"--time-limit {time_limit:g} s of training reached" if timed_out else
-                       "a stop signal (SIGTERM/SIGUSR1) reached a rank")
+                       "a stop signal (SIGTERM/SIGUSR1) reached a rank, or a rank's launcher is gone")
                 record = {"stopped": why, "step": step, "train_s": round(train_s(), 2),
                           "checkpoint": str(run.checkpoint(step_tag(step))), "resume": "run the same command again"}
                 log(json.dumps(record))
@@ -506,4 +525,6 @@ def training_loop(cfg: ExperimentConfig, *, ds_config: dict, run_dir: str | Path
     # without this a gloo worker thread can still be finishing the barrier at interpreter shutdown: it is killed
     # holding no GIL and C++ aborts ("terminate called without an active exception", exit -6) after a finished run
     dist.destroy_process_group()
+    if run_lock is not None:
+        run_lock.close()
     return {"step": step, "images": step * cfg.train.global_batch}

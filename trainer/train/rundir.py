@@ -12,17 +12,23 @@ of joining names or walking `.parent`s itself.
         export/<tag>/               trainer.schedule's exports (model.safetensors, README.md, .sha256)
         published.json              trainer.schedule: milestone -> published URL and sha256
         schedule.lock               trainer.schedule: one invocation at a time
+        run.lock                    held by the training's rank 0 for the run's life: one training at a time
 
 A checkpoint is named by its tag folder, RUN_DIR/checkpoints/TAG; `RunDir.of_checkpoint` goes back from one.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shlex
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunDir", "step_tag", "tag_step"]
+__all__ = ["RunDir", "step_tag", "tag_step", "lock_run", "run_locked", "lock_schedule"]
 
 
 def step_tag(step: int) -> str:
@@ -97,6 +103,10 @@ class RunDir:
     def schedule_lock(self) -> Path:
         return self.root / "schedule.lock"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / "run.lock"
+
     # --- contents -------------------------------------------------------------------------------------------------
     def read_metrics(self) -> list[dict]:
         """The records of metrics.jsonl, skipping a line torn by a killed run; [] when there is none."""
@@ -121,5 +131,83 @@ class RunDir:
     def record_published(self, step: int, record: dict) -> None:
         published = {**self.published(), str(step): record}
         tmp = self.published_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(published, indent=1))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(published, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.published_file)
+        fd = os.open(self.root, os.O_RDONLY)  # the rename itself
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- the run lock -----------------------------------------------------------------------------------------------
+
+def lock_run(run: RunDir) -> tuple[object | None, str | None]:
+    """Take the run directory's lock for this process's life: (open lock file, None), or (None, the one-line
+    refusal naming the holder: host, pid, start time, command). An exclusive `flock` on RUN_DIR/run.lock, taken
+    by rank 0 only: the kernel (or the NFS server, for a shared file system) drops it when the process ends however
+    it ends, so a killed job never leaves a stale lock, and the ranks of one job do not exclude each other on a
+    shared file system. The other ranks of a job cannot outlive rank 0 by long: the launcher ends them when a rank
+    fails, and they stop when their launcher is gone. A file system without locks (Lustre without its `flock`
+    mount option) gives (None, None): the run goes on unlocked."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run.lock, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: it names the holder
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "{}"
+        f.close()
+        return None, f"error: run directory {run.root} is in use by another training ({_describe(holder)}); wait " \
+                     f"for it to end, or use another --run-dir"
+    except OSError:
+        f.close()
+        return None, None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                        "start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(sys.argv)}))
+    f.flush()
+    return f, None
+
+
+def _describe(holder: str) -> str:
+    try:
+        h = json.loads(holder)
+    except json.JSONDecodeError:
+        h = {}
+    command = h.get("command", "?")
+    command = command if len(command) <= 200 else command[:197] + "..."
+    return f"host {h.get('host', '?')}, pid {h.get('pid', '?')}, started {h.get('start', '?')}: {command}"
+
+
+def run_locked(run: RunDir) -> str | None:
+    """Who holds the run's lock ("host H, pid P, started T: COMMAND"), or None when no training holds it."""
+    if not run.lock.is_file():
+        return None
+    with open(run.lock, "r") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _describe(f.read().strip() or "{}")
+        except OSError:
+            return None
+    return None
+
+
+def lock_schedule(run: RunDir) -> tuple[object | None, str | None]:
+    """trainer.schedule's lock, RUN_DIR/schedule.lock (one invocation at a time): (open lock file, None), or
+    (None, why not: another invocation holds it, or a training holds the run directory)."""
+    lock = open(run.schedule_lock, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None, f"another invocation holds {run.schedule_lock}"
+    if holder := run_locked(run):
+        lock.close()
+        return None, f"a training holds {run.lock} ({holder})"
+    return lock, None
