@@ -351,6 +351,7 @@ def fake_run(root: Path, input_mode: str = "pixel") -> Path:
     cfg = ExperimentConfig.from_dict({
         "model": {"preset": "tiny", "input": input_mode, "image_size": 16, "patch_size": 4,
                   "overrides": {"dim": 32, "heads": 2}},
+        "mask": {"block": 1},  # DWT mode: a 2x2 token grid
         "train": {"schedule": "cosine", "global_batch": 8, "micro_batch": 4}})
     m = cfg.model
     torch.manual_seed(0)
