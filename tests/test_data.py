@@ -1,14 +1,16 @@
 """trainer.data.shards (part 1): shard lists, bucket access through webdataset, decoding, flips, device batching."""
+import tarfile
+
 import pytest
 import torch
 import webdataset as wds
-from webdataset.tariterators import tar_file_iterator
 
 from helpers import identity_tree
+from pipeline.imaging import max_member_bytes
 from pipeline.shard import main as shard_main
 from trainer.core.dwt import dwt2
-from trainer.data.shards import (SkipCounter, collate, decode_sample, flip_dwt, group_samples, list_shards,
-                                 register_fsspec_schemes, to_model_input)
+from trainer.data.shards import (collate, decode_sample, flip_dwt, list_shards, register_fsspec_schemes, tar_samples,
+                                 to_model_input)
 
 # Stored float16 bands vs the DWT of the decoded JPEG (quality 95, 4:4:4): measured on real faces at most 0.09
 # per coefficient and 0.005 on average (docs/performance.md); the model input normalises cA by 2.
@@ -27,7 +29,7 @@ def read_all(url: str) -> list[dict]:
     from webdataset.gopen import gopen
 
     with gopen(url) as stream:
-        return list(group_samples(tar_file_iterator(stream), SkipCounter(), url))
+        return list(tar_samples(stream, url, max_member_bytes(64)))
 
 
 def test_flip_in_dwt_space_equals_dwt_of_flipped_image():
@@ -70,16 +72,18 @@ def test_pixel_mode_resolution_and_range(tmp_path):
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.2
 
 
-def test_truncated_shard_is_counted_not_raised(tmp_path):
+def test_a_truncated_shard_yields_its_whole_samples_then_raises(tmp_path):
+    """The samples before the cut arrive; the error then ends the shard (the stream counts what it lost)."""
     with_dwt, _ = make_sets(tmp_path)
     url = list_shards(str(with_dwt))[0].url
     data = open(url, "rb").read()
     bad = tmp_path / "bad.tar"
     bad.write_bytes(data[: len(data) // 2])
-    skips = SkipCounter(every=0)
-    with open(bad, "rb") as f:
-        got = list(group_samples(tar_file_iterator(f), skips, str(bad)))
-    assert len(got) < 4 and skips.counts["unreadable shard"] == 1
+    got = []
+    with open(bad, "rb") as f, pytest.raises(tarfile.ReadError):
+        for sample in tar_samples(f, str(bad), max_member_bytes(64)):
+            got.append(sample)
+    assert 0 < len(got) < 4 and all(set(s) >= {"jpg", "dwt.f16", "json"} for s in got)
 
 
 def test_bucket_shards_through_webdataset(tmp_path, s3_server):

@@ -53,7 +53,7 @@ from trainer.data.bucket import (FSSPEC_SCHEMES, RETRIES, BadObjectError, Resuma
 # The first eight are trainer.data.bucket's, re-exported (RETRIES is that module's Counter, not a copy).
 __all__ = ["FSSPEC_SCHEMES", "register_fsspec_schemes", "RETRIES", "ResumableObject", "BadObjectError",
            "is_transient", "is_credentials_error", "credentials_message", "Shard", "list_shards", "check_sources",
-           "group_samples", "tar_samples", "BadSample",
+           "tar_samples", "BadSample",
            "decode_sample", "flip_dwt", "collate", "to_model_input", "SkipCounter"]
 
 log = logging.getLogger(__name__)
@@ -123,22 +123,6 @@ def _probe(url: str) -> None:
 
 
 # --- samples ---------------------------------------------------------------------------------------------------
-
-def group_samples(members, skips: "SkipCounter", url: str = ""):
-    """webdataset's `tar_file_iterator` records ({"fname", "data"}) -> sample dicts {"__key__", "__url__", ext:
-    bytes} (`pipeline.reader.group_by_key`: the pipeline writes a sample's members together). A shard that turns
-    out truncated or unreadable ends there, counted in `skips`, not the run."""
-    def pairs():
-        try:
-            for member in members:
-                yield member["fname"], member["data"]
-        except Exception as e:  # noqa: BLE001 - a truncated or unreadable shard ends that shard, not the run
-            skips.count("unreadable shard", f"{url}: {e}")
-
-    for sample in group_by_key(pairs()):
-        sample["__url__"] = url
-        yield sample
-
 
 def flip_dwt(bands: torch.Tensor) -> torch.Tensor:
     """The DWT of the horizontally flipped image, from the DWT (..., 12, h, w): every band reversed along the
