@@ -573,7 +573,7 @@ def soak(args, work: Path, run_dir: Path, endpoint: Endpoint, rng: random.Random
         launch.resume = launch.resumed()  # after the job: an orphaned rank may print it late
         steps = [r["step"] for r in records(launch)]
         say(f"{clock} launch {launch.n}: resumed from {launch.resume[0] or 'nothing'}, trained to step "
-            f"{max(steps, default=launch.resume[1])}; SIGKILL {what} after {launch.killed[1]:.0f} s; the launcher "
+            f"{max(steps, default=launch.resume[1])}; SIGKILL {what} after {launch.killed[1]:.0f} s; the job "
             f"ended {launch.killed[2]:.0f} s later" + (f"; ORPHANS: {launch.orphans}" if launch.orphans else ""))
     return launches
 
