@@ -109,20 +109,32 @@ def deepspeed_cpu_fp16() -> tuple[bool, str]:
 
 # --- real face data --------------------------------------------------------------------------------------------
 
-def read_real_faces(n: int, tar_name: str = "lfw-deepfunneled.tar") -> list[np.ndarray]:
-    """The first n JPEGs of a real face archive in ../shared/data as uint8 (H, W, 3) arrays (read, never copied)."""
+def _real_face_jpegs(n: int, tar_name: str):
+    """(member name, JPEG bytes) of the first n JPEGs of a real face archive in ../shared/data (skip without it)."""
     path = SHARED_DATA / tar_name
     if not path.exists():
         pytest.skip(f"real face data not found at {path} (set MASKDM_SHARED_DATA)")
-    images = []
     with tarfile.open(path) as tar:
+        found = 0
         for member in tar:
             if member.isfile() and member.name.lower().endswith(".jpg"):
-                data = tar.extractfile(member).read()
-                images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-                if len(images) == n:
-                    break
-    return images
+                yield member.name, tar.extractfile(member).read()
+                found += 1
+                if found == n:
+                    return
+
+
+def read_real_faces(n: int, tar_name: str = "lfw-deepfunneled.tar") -> list[np.ndarray]:
+    """The first n JPEGs of a real face archive in ../shared/data as uint8 (H, W, 3) arrays (read, never copied)."""
+    return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for _, data in _real_face_jpegs(n, tar_name)]
+
+
+def real_faces_folder(dest: Path, n: int, tar_name: str = "lfw-deepfunneled.tar") -> Path:
+    """The first n JPEGs of a real face archive written under `dest` with their archive paths (a folder corpus)."""
+    for name, data in _real_face_jpegs(n, tar_name):
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(data)
+    return dest
 
 
 # --- tiny corpora (written into tmp_path, never committed) -----------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import SHARED_DATA, bad_inputs, celebahq_tree, identity_tree, jpeg_bytes, vggface2_tree
+from helpers import bad_inputs, celebahq_tree, identity_tree, jpeg_bytes, real_faces_folder, vggface2_tree
 from pipeline import merge, preview, verify
 from pipeline.imaging import face_square, haar_dwt_f16, process_image
 from pipeline.reader import iter_samples
@@ -324,19 +324,7 @@ def test_preview_and_no_dwt(tmp_path):
 
 def test_real_faces_folder(tmp_path):
     """Real JPEGs (LFW, 250x250) through the folder job and verify: the DWT tolerance holds on real data."""
-    archive = SHARED_DATA / "lfw-deepfunneled.tar"
-    if not archive.exists():
-        pytest.skip(f"{archive} not found")
-    src = tmp_path / "lfw"
-    with tarfile.open(archive) as tar:
-        n = 0
-        for m in tar:
-            if m.isfile() and m.name.endswith(".jpg"):
-                (src / m.name).parent.mkdir(parents=True, exist_ok=True)
-                (src / m.name).write_bytes(tar.extractfile(m).read())
-                n += 1
-                if n == 24:
-                    break
+    src = real_faces_folder(tmp_path / "lfw", 24)
     shard("folder", "--src", src, "--out", tmp_path / "out", "--shard-size", 8)
     assert manifest(tmp_path / "out")["totals"]["samples"] == 24
     assert verify.verify(str(tmp_path / "out"), progress=False)["errors"] == []

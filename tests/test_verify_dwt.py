@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import SHARED_DATA
+from helpers import real_faces_folder
 from pipeline import verify
 from pipeline.imaging import crop_from_dwt_f16, encode_jpeg, haar_dwt_f16, haar_dwt_uint8
 from pipeline.schema import decode_dwt, encode_dwt
@@ -20,20 +20,7 @@ FACES = 240  # enough for the 32 px tail of JPEG's error (about 1 face in 100 pa
 @pytest.fixture(scope="module")
 def lfw(tmp_path_factory):
     """The first FACES LFW faces as a folder corpus (skipped without ../shared/data)."""
-    archive = SHARED_DATA / "lfw-deepfunneled.tar"
-    if not archive.exists():
-        pytest.skip(f"{archive} not found")
-    src = tmp_path_factory.mktemp("lfw")
-    with tarfile.open(archive) as tar:
-        n = 0
-        for m in tar:
-            if m.isfile() and m.name.endswith(".jpg"):
-                (src / m.name).parent.mkdir(parents=True, exist_ok=True)
-                (src / m.name).write_bytes(tar.extractfile(m).read())
-                n += 1
-                if n == FACES:
-                    break
-    return src
+    return real_faces_folder(tmp_path_factory.mktemp("lfw"), FACES)
 
 
 def rewrite_dwt(out, changes: dict) -> None:
